@@ -1,0 +1,3 @@
+"""ofs_scale: distributed transformer training that measures and minimises outlier features."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""Atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout under the checkpoint directory:
+    step_000040/      periodic (the newest `checkpoint.keep` are kept)
+    stage_warmup/     end of a stage (kept forever)
+    latest            name of the newest complete checkpoint
+    .tmp-*/           a save in progress (ignored and removed on the next save)
+
+A save writes into `.tmp-<name>`, adds `ofs_meta.json` once every rank has written, renames the
+directory into place and only then updates `latest`: a crash at any point leaves the previous
+checkpoint intact. State is keyed by parameter name; tensors split over tensor parallelism are
+saved as DTensors, so a checkpoint written under one (tp, pp, dp) layout loads under another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.tensor import DeviceMesh, DTensor, Shard
+
+from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
+from ofs_scale.parallel.mesh import Mesh
+
+META = "ofs_meta.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names it and what to do."""
+
+
+def _tp_device_mesh(mesh: Mesh) -> DeviceMesh | None:
+    if mesh.tp == 1:
+        return None
+    return DeviceMesh.from_group(mesh.tp_group, device_type=mesh.device.type)
+
+
+def _wrap(t: torch.Tensor, param: torch.Tensor | None, mesh: Mesh, tp_mesh) -> torch.Tensor:
+    """A TP-split tensor of the parameter's shape becomes a DTensor of the full shape."""
+    if tp_mesh is None or param is None or not is_tp_sharded(param) or t.shape != param.shape:
+        return t
+    dim = tp_partition_dim(param)
+    full = list(t.shape)
+    full[dim] *= mesh.tp
+    stride = torch.empty(full, device="meta").stride()
+    return DTensor.from_local(
+        t, tp_mesh, [Shard(dim)], run_check=False, shape=torch.Size(full), stride=stride
+    )
+
+
+def training_state(
+    model: torch.nn.Module, optimizer: Any, extra: dict[str, Any], mesh: Mesh
+) -> dict[str, Any]:
+    """The flat state dict DCP saves and loads in place: model, optimizer (by parameter name),
+    and `extra` (trainer counters, sampler, RNG)."""
+    tp_mesh = _tp_device_mesh(mesh)
+    params = dict(model.named_parameters())
+    sd: dict[str, Any] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        p = params.get(name)
+        sd[f"model/{name}"] = _wrap(t.data if p is not None else t, p, mesh, tp_mesh)
+    for name, state in optimizer.named_state().items():
+        p = params[name]
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                sd[f"optim/{name}/{k}"] = v
+                continue
+            key = f"optim/{name}/{k}"
+            if mesh.tp > 1 and is_tp_sharded(p) and v.ndim and v.shape != p.shape:
+                # Per-shard state of a different shape (e.g. SOAP factors): one key per TP rank.
+                key += f"@tp{mesh.tp_rank}of{mesh.tp}"
+            sd[key] = _wrap(v, p, mesh, tp_mesh)
+    sd["extra"] = extra
+    return sd
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / META).is_file() and (path / ".metadata").is_file()
+
+
+def _truncation_problem(path: Path) -> str | None:
+    """A reason why the checkpoint at `path` is unusable, or None (checks sizes, not contents)."""
+    try:
+        meta = json.loads((path / META).read_text())
+        md = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        return f"unreadable metadata ({type(e).__name__}: {e})"
+    needed: dict[str, int] = {}
+    for info in md.storage_data.values():
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
+    for rel, end in needed.items():
+        f = path / rel
+        if not f.is_file() or f.stat().st_size < end:
+            return f"{rel} is missing or truncated"
+    if "step" not in meta:
+        return f"{META} has no step"
+    return None
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Move a fully written checkpoint into place (replacing one of the same name)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, finds and loads checkpoints of one run (collective calls on every rank)."""
+
+    def __init__(self, root: str | Path, mesh: Mesh, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.mesh = mesh
+        self.keep = keep
+
+    def _rank0(self) -> bool:
+        return self.mesh.rank == 0
+
+    def save(self, name: str, state: dict[str, Any], step: int) -> Path:
+        """Write `state` as checkpoint `name` atomically; returns its final path."""
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        if self._rank0():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        dist.barrier()
+        if self._rank0():
+            meta = {"step": step, "name": name, "time": time.time(), "layout": self._layout()}
+            _write_atomic(tmp / META, json.dumps(meta))
+            _commit(tmp, final)
+            _write_atomic(self.root / LATEST, name + "\n")
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _layout(self) -> dict[str, int]:
+        m = self.mesh
+        return {"tp": m.tp, "pp": m.pp, "dp": m.dp, "world": m.world_size}
+
+    def _prune(self) -> None:
+        periodic = sorted(p for p in self.root.glob("step_*") if p.is_dir() and _is_complete(p))
+        for p in periodic[: max(0, len(periodic) - self.keep)]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first (the `latest` marker first when valid)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        complete = []
+        for p in found:
+            if not _is_complete(p):
+                continue
+            try:
+                step = json.loads((p / META).read_text())["step"]
+            except Exception:
+                step = -1
+            complete.append((step, p.stat().st_mtime, p))
+        complete.sort(key=lambda x: (x[0], x[1]), reverse=True)
+        ordered = [p for _, _, p in complete]
+        marker = self.root / LATEST
+        if marker.is_file():
+            named = self.root / marker.read_text().strip()
+            if named in ordered:
+                ordered.remove(named)
+                ordered.insert(0, named)
+        return ordered
+
+    def load_latest(self, state: dict[str, Any], log=print) -> Path | None:
+        """Load the newest usable checkpoint into `state` in place; skip broken ones with a
+        report. Returns its path, or None when there is none."""
+        cands = self.candidates() if self._rank0() else []
+        box = [cands]
+        dist.broadcast_object_list(box, src=0)
+        for path in box[0]:
+            problem = [_truncation_problem(path) if self._rank0() else None]
+            dist.broadcast_object_list(problem, src=0)
+            if problem[0] is None:
+                try:
+                    dcp.load(state, checkpoint_id=str(path))
+                    return path
+                except Exception as e:  # reported on every rank alike by DCP
+                    problem[0] = f"load failed ({type(e).__name__}: {str(e)[:300]})"
+            if self._rank0():
+                log(f"[checkpoint] skipping {path}: {problem[0]}")
+        return None
+
+    def load(self, path: str | Path, state: dict[str, Any]) -> None:
+        """Load checkpoint `path` into `state` in place, or raise CheckpointError."""
+        path = Path(path)
+        problem = None if _is_complete(path) else "not a complete checkpoint"
+        problem = problem or _truncation_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; pick another checkpoint directory")
+        dcp.load(state, checkpoint_id=str(path))
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ofs_meta.json of a checkpoint."""
+    return json.loads((Path(path) / META).read_text())

@@ -1,0 +1,173 @@
+"""Loggers as callbacks: metrics.jsonl, wandb, a rich progress bar and the summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ofs_scale.callbacks import Callback
+from ofs_scale.config import to_dict
+
+if TYPE_CHECKING:
+    from ofs_scale.train import Trainer
+
+console = Console(stderr=False)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class JsonlLogger(Callback):
+    """Appends one JSON object per logged step (and per evaluation) to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and trainer.step:
+            # Drop records past the resumed step: they belong to work that is being redone.
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= trainer.step:
+                    keep.append(line)
+            self.path.write_text("".join(k + "\n" for k in keep))
+        elif self.path.exists():
+            self.path.unlink()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        every = trainer.cfg.logging.every
+        if step % every == 0 or trainer.is_stage_end(step) or record.get("skipped"):
+            self._write(record)
+
+    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        self._write(record)
+
+
+class WandbLogger(Callback):
+    """wandb, offline by default (files under <out_dir>/wandb)."""
+
+    def __init__(self, mode: str, project: str) -> None:
+        self.mode = mode
+        self.project = project
+        self.run = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        out = Path(trainer.cfg.run.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            mode=self.mode,
+            project=self.project,
+            name=trainer.cfg.run.name,
+            dir=str(out),
+            config=to_dict(trainer.cfg),
+            resume="allow",
+            id=_wandb_id(out),
+        )
+
+    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        if step % trainer.cfg.logging.every == 0:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k.startswith("val")}, step=step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _wandb_id(out: Path) -> str:
+    """One wandb run id per output directory, so a resumed run continues the same wandb run."""
+    f = out / "wandb_id"
+    if not f.exists():
+        import secrets
+
+        f.write_text(secrets.token_hex(4))
+    return f.read_text().strip()
+
+
+class ProgressLogger(Callback):
+    """A progress bar with loss, tokens/s and ETA on a terminal; periodic lines otherwise."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+        self.total = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.total = trainer.cfg.total_steps
+        self.print_every = max(1, self.total // 20)
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=self.total, completed=trainer.step, loss="-", tps="-"
+            )
+
+    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        loss, tps = record["loss"], record["tokens_per_s"]
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=step,
+                description=f"train [{record['stage']}]",
+                loss=f"{loss:.4f}",
+                tps=f"{tps:,.0f}",
+            )
+        elif step % self.print_every == 0 or step == self.total:
+            console.print(
+                f"step {step}/{self.total} [{record['stage']}] loss {loss:.4f} "
+                f"lr {record['lr']:.2e} {tps:,.0f} tok/s"
+            )
+
+    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        msg = f"step {step}: val_loss {record['val_loss']:.4f} val_ppl {record['val_ppl']:.2f}"
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        else:
+            console.print(msg)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def print_summary(rows: dict[str, Any], title: str = "run summary") -> None:
+    """A two-column table of the run's headline numbers."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)

@@ -1,0 +1,151 @@
+"""Attention, MLP and the three block types: Pre-Norm, Post-Norm, Outlier Protected (OP).
+
+Shapes: B batch, T tokens, D model width, H heads on this TP rank, K head dim, F MLP width on
+this TP rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofs_scale.model.layers import ParallelLayers
+from ofs_scale.model.norms import build_norm
+
+
+def rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, K, 2, device=device, dtype=torch.float32) / K)
+    ang_TK2 = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+    ang_TK = torch.cat([ang_TK2, ang_TK2], dim=-1)
+    return ang_TK.cos().to(dtype), ang_TK.sin().to(dtype)
+
+
+def apply_rope(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor) -> torch.Tensor:
+    half = x_BHTK.shape[-1] // 2
+    x1, x2 = x_BHTK[..., :half], x_BHTK[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHTK * cos_TK + rotated * sin_TK
+
+
+class Tap(nn.Identity):
+    """A named point whose forward hooks see an activation (metrics attach here)."""
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with optional QK-RMSNorm and RoPE; heads split over TP."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        layers: ParallelLayers,
+        std: float,
+        out_std: float,
+        bias: bool,
+        qk_norm: bool,
+        rope_theta: float | None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.local_heads = n_heads // layers.tp
+        # Output features laid out (head, q/k/v, head_dim) so a TP split keeps whole heads.
+        self.qkv = layers.column(d_model, 3 * d_model, bias, std)
+        self.proj = layers.row(d_model, d_model, bias, out_std)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.rope_theta = rope_theta
+        self.qk_tap = Tap()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        qkv = self.qkv(x_BTD).view(B, T, self.local_heads, 3, self.head_dim)
+        q_BHTK, k_BHTK, v_BHTK = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        q_BHTK, k_BHTK = self.q_norm(q_BHTK), self.k_norm(k_BHTK)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(T, self.head_dim, self.rope_theta, x_BTD.device, q_BHTK.dtype)
+            q_BHTK, k_BHTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BHTK, cos, sin)
+        q_BHTK, k_BHTK = self.qk_tap((q_BHTK, k_BHTK))
+        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+        return self.proj(y_BHTK.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Two-layer MLP (GELU/ReLU) or SwiGLU; hidden units split over TP."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        layers: ParallelLayers,
+        std: float,
+        out_std: float,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        self.activation = activation
+        self.up = layers.column(d_model, d_ff, bias, std)
+        self.gate = layers.column(d_model, d_ff, bias, std) if activation == "swiglu" else None
+        self.down = layers.row(d_ff, d_model, bias, out_std)
+        self.hidden = Tap()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        u_BTF = self.up(x_BTD)
+        if self.activation == "swiglu":
+            h_BTF = F.silu(self.gate(x_BTD)) * u_BTF
+        elif self.activation == "relu":
+            h_BTF = F.relu(u_BTF)
+        else:
+            h_BTF = F.gelu(u_BTF)
+        return self.down(self.hidden(h_BTF))
+
+
+class Block(nn.Module):
+    """One transformer block.
+
+    pre:  h = x + Attn(N1(x));        out = h + MLP(N2(h))
+    post: h = N1(x + Attn(x));        out = N2(h + MLP(h))
+    op:   h = x + beta * Attn(x);     out = h + beta * MLP(h)   (no norms; QK-norm inside Attn)
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        attn: Attention,
+        mlp: MLP,
+        norm: str,
+        d_model: int,
+        bias: bool,
+        beta: float,
+        beta_trainable: bool,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.attn = attn
+        self.mlp = mlp
+        if kind == "op":
+            if beta_trainable:
+                self.beta_attn = nn.Parameter(torch.tensor(float(beta)))
+                self.beta_mlp = nn.Parameter(torch.tensor(float(beta)))
+            else:
+                self.beta_attn = self.beta_mlp = float(beta)
+        else:
+            self.norm1 = build_norm(norm, d_model, bias)
+            self.norm2 = build_norm(norm, d_model, bias)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pre":
+            h = x_BTD + self.attn(self.norm1(x_BTD))
+            return h + self.mlp(self.norm2(h))
+        if self.kind == "post":
+            h = self.norm1(x_BTD + self.attn(x_BTD))
+            return self.norm2(h + self.mlp(h))
+        h = x_BTD + self.beta_attn * self.attn(x_BTD)
+        return h + self.beta_mlp * self.mlp(h)
+
+
+def resolve_beta(beta: float | str, n_layers: int) -> float:
+    return 1.0 / math.sqrt(n_layers) if beta == "auto" else float(beta)

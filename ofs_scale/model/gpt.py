@@ -1,0 +1,135 @@
+"""Decoder-only transformer; the same class builds the whole model or one pipeline chunk.
+
+Layers live in an `nn.ModuleDict` keyed by their global index ("0".."L-1"), so parameter names are
+identical under any pipeline split and checkpoints load across layouts. Each submodule is
+initialised from a generator seeded by (seed, its name), so weights do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ofs_scale.config import ModelConfig
+from ofs_scale.model.blocks import MLP, Attention, Block, Tap, resolve_beta
+from ofs_scale.model.layers import ParallelLayers
+from ofs_scale.model.norms import build_norm
+
+
+@contextlib.contextmanager
+def seeded(seed: int, name: str):
+    """Run the body with torch's CPU generator seeded by (seed, name), then restore it."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        yield
+
+
+def resolved(cfg: ModelConfig) -> dict:
+    """Block-dependent defaults: activation, qk_norm and embed_norm."""
+    op = cfg.block == "op"
+    return {
+        "activation": cfg.activation or ("relu" if op else "gelu"),
+        "qk_norm": op if cfg.qk_norm is None else cfg.qk_norm,
+        "embed_norm": op if cfg.embed_norm is None else cfg.embed_norm,
+    }
+
+
+class Embedding(nn.Module):
+    """Token embedding, optional learned positions, optional LayerNorm (the OP block's)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int, seq_len: int, layers: ParallelLayers) -> None:
+        super().__init__()
+        self.tok = layers.embedding(vocab, cfg.d_model, cfg.init_std)
+        self.pos = nn.Embedding(seq_len, cfg.d_model) if cfg.position == "learned" else None
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, std=cfg.init_std)
+        self.norm = (
+            nn.LayerNorm(cfg.d_model, bias=cfg.bias) if resolved(cfg)["embed_norm"] else None
+        )
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        x_BTD = self.tok(tokens_BT)
+        if self.pos is not None:
+            x_BTD = x_BTD + self.pos.weight[: tokens_BT.shape[1]]
+        return self.norm(x_BTD) if self.norm is not None else x_BTD
+
+
+class GPT(nn.Module):
+    """The model, or the chunk holding `layer_ids` (with the embedding if `first`, the final norm
+    and head if `last`). Input: token ids (first chunk) or hidden states; output: vocab-parallel
+    logits (last chunk) or hidden states."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        seq_len: int,
+        layers: ParallelLayers,
+        seed: int = 0,
+        layer_ids: Iterable[int] | None = None,
+        first: bool = True,
+        last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.factory = layers
+        self.first, self.last = first, last
+        ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
+        r = resolved(cfg)
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_init else std
+        beta = resolve_beta(cfg.beta, cfg.n_layers)
+        rope = cfg.rope_theta if cfg.position == "rope" else None
+        d_ff = int(cfg.ffn_mult * cfg.d_model)
+        if d_ff % layers.tp:
+            raise ValueError(f"MLP width {d_ff} is not divisible by parallel.tp={layers.tp}")
+
+        self.embed = None
+        if first:
+            with seeded(seed, "embed"):
+                self.embed = Embedding(cfg, vocab_size, seq_len, layers)
+        self.embed_tap = Tap()
+        self.layers = nn.ModuleDict()
+        for i in ids:
+            with seeded(seed, f"layers.{i}"):
+                attn = Attention(
+                    cfg.d_model, cfg.n_heads, layers, std, out_std, cfg.bias, r["qk_norm"], rope
+                )
+                mlp = MLP(cfg.d_model, d_ff, r["activation"], layers, std, out_std, cfg.bias)
+                self.layers[str(i)] = Block(
+                    cfg.block, attn, mlp, cfg.norm, cfg.d_model, cfg.bias, beta, cfg.beta_trainable
+                )
+        self.final_norm = self.head = None
+        self.final_tap = Tap()
+        if last:
+            with seeded(seed, "head"):
+                if cfg.final_norm:
+                    self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.bias)
+                tied = cfg.tie_embeddings
+                if tied and self.embed is None:
+                    raise ValueError("tied embeddings need the embedding and head in one chunk")
+                self.head = layers.head(cfg.d_model, vocab_size, std, tied)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed_tap(self.embed(x))
+        for block in self.layers.values():
+            x = block(x)
+        if self.head is None:
+            return x
+        x = self.final_tap(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        weight = self.embed.tok.weight if self.cfg.tie_embeddings else None
+        return self.head(x, weight=weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from vocab-parallel logits."""
+        return self.factory.cross_entropy(logits, targets).mean()

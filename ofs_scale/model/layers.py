@@ -1,0 +1,138 @@
+"""The one place that chooses linear and embedding layers: megatron-core tensor-parallel layers.
+
+Model code receives a `ParallelLayers` factory and never reads global parallel state. At TP=1 the
+layers are ordinary dense layers; at TP>1 column layers split their outputs and row layers their
+inputs over the tensor-parallel group, and the vocabulary is split over it too.
+
+Initialisation always happens on the CPU from torch's default generator on the *full* master
+weight (megatron-core's `use_cpu_initialization`), so the same seed gives the same full weights
+under any TP size; megatron-core's CUDA RNG tracker is never needed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core import ModelParallelConfig
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        vocab_parallel_cross_entropy,
+    )
+
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary padded to a multiple of 128 (and of tp), the same for every tp dividing 128."""
+    multiple = math.lcm(VOCAB_MULTIPLE, tp)
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def init(w: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(w, mean=0.0, std=std)
+
+    return init
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """Output features split over TP; returns the tensor alone."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, weight=weight)[0]
+
+
+class RowLinear(RowParallelLinear):
+    """Input features split over TP, output all-reduced; returns the tensor alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class ParallelLayers:
+    """Factory for tensor-parallel linear/embedding layers and the vocab-parallel loss."""
+
+    def __init__(
+        self,
+        tp_group: dist.ProcessGroup,
+        params_dtype: torch.dtype = torch.float32,
+        perform_initialization: bool = True,
+    ) -> None:
+        self.tp_group = tp_group
+        self.tp = dist.get_world_size(tp_group)
+        self.tp_rank = dist.get_rank(tp_group)
+        self.config = ModelParallelConfig(
+            tensor_model_parallel_size=self.tp,
+            use_cpu_initialization=True,
+            perform_initialization=perform_initialization,
+            params_dtype=params_dtype,
+        )
+
+    def column(self, d_in: int, d_out: int, bias: bool, std: float) -> ColumnLinear:
+        """y = x W^T with W's rows (outputs) split over TP; input replicated."""
+        return ColumnLinear(
+            d_in,
+            d_out,
+            config=self.config,
+            init_method=normal_init(std),
+            bias=bias,
+            gather_output=False,
+            tp_group=self.tp_group,
+        )
+
+    def row(self, d_in: int, d_out: int, bias: bool, std: float) -> RowLinear:
+        """y = x W^T with W's columns (inputs) split over TP; output all-reduced."""
+        return RowLinear(
+            d_in,
+            d_out,
+            config=self.config,
+            init_method=normal_init(std),
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
+        )
+
+    def embedding(self, num: int, dim: int, std: float) -> VocabParallelEmbedding:
+        """Token embedding with the vocabulary split over TP."""
+        return VocabParallelEmbedding(
+            num, dim, init_method=normal_init(std), config=self.config, tp_group=self.tp_group
+        )
+
+    def head(self, d_in: int, vocab: int, std: float, tied: bool) -> ColumnLinear:
+        """Unembedding producing vocab-parallel logits; with `tied` it owns no weight and is
+        called with the embedding's weight."""
+        return ColumnLinear(
+            d_in,
+            vocab,
+            config=self.config,
+            init_method=normal_init(std),
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=tied,
+            tp_group=self.tp_group,
+        )
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token loss from vocab-parallel logits (..., V/tp) and targets (...)."""
+        return vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+def is_tp_sharded(p: torch.Tensor) -> bool:
+    """Whether a parameter is split over the tensor-parallel group."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def tp_partition_dim(p: torch.Tensor) -> int:
+    return int(getattr(p, "partition_dim", -1))

@@ -1,0 +1,63 @@
+"""Gradient reduction over data-parallel ranks and the global gradient norm over every axis."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ofs_scale.model.layers import is_tp_sharded
+from ofs_scale.parallel.mesh import Mesh
+
+_BUCKET_ELEMS = 1 << 24
+
+
+def average_across_dp(params: list[torch.Tensor], mesh: Mesh) -> None:
+    """Average gradients over the data-parallel group, in flat buckets."""
+    if mesh.dp == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in [*grads, None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+        if bucket and (g is None or size >= _BUCKET_ELEMS):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=mesh.dp_group)
+            flat /= mesh.dp
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+            bucket, size = [], 0
+
+
+def global_grad_norm(params: list[torch.Tensor], mesh: Mesh) -> torch.Tensor:
+    """L2 norm of the full model's gradient (TP shards summed, replicas counted once, all
+    pipeline stages included). Gradients must already be averaged over DP."""
+    dev = mesh.device
+    sharded = torch.zeros((), device=dev, dtype=torch.float32)
+    replicated = torch.zeros((), device=dev, dtype=torch.float32)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        if is_tp_sharded(p):
+            sharded += sq
+        else:
+            replicated += sq
+    if mesh.tp > 1:
+        dist.all_reduce(sharded, group=mesh.tp_group)
+    total = sharded + replicated
+    if mesh.pp > 1:
+        dist.all_reduce(total, group=mesh.pp_group)
+    return total.sqrt()
+
+
+def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale gradients so that their global norm is at most `max_norm`."""
+    if max_norm <= 0 or not torch.isfinite(norm):
+        return
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, scale)

@@ -1,0 +1,172 @@
+"""Trainer: DP=2 equals DP=1, exact resume, crash-safe checkpoints, non-finite handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ofs_scale import checkpoint as ckpt_mod
+from ofs_scale.callbacks import Callback, CheckpointCallback
+from ofs_scale.config import load_config
+from ofs_scale.train import Trainer, TrainingStopped
+from tests.conftest import tiny_overrides
+from tests.harness import run_distributed
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def post_step(self, trainer, step, record):
+        self.losses.append(record["loss"])
+
+
+def _train(rank, overrides, with_ckpt=False):
+    cfg = load_config(None, overrides)
+    rec = Losses()
+    cbs = [rec, CheckpointCallback()] if with_ckpt else [rec]
+    trainer = Trainer(cfg, callbacks=cbs)
+    trainer.fit()
+    params = {n: p.detach().clone() for n, p in trainer.named_params}
+    return rec.losses, params, trainer.step
+
+
+def test_dp2_equals_dp1(tiny_corpus, cache_dir, tmp_path):
+    base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run")
+    ((l1, p1, _),) = run_distributed(_train, 1, [*base, f"run.out_dir={tmp_path}/a"])
+    r2 = run_distributed(_train, 2, [*base, f"run.out_dir={tmp_path}/b"])
+    for losses, params, _ in r2:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(l1), rtol=1e-5, atol=0)
+        for n, p in p1.items():
+            torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-7, msg=n)
+    assert l1[-1] < l1[0]
+
+
+def test_resume_is_exact(tiny_corpus, cache_dir, tmp_path):
+    base = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path / "x"), "train.eval_every=2"]
+    stages = "train.stages=[{name: a, steps: 4, lr_schedule: warmup}, {name: b, steps: 4}]"
+    ((straight, p_straight, _),) = run_distributed(
+        _train, 1, [*base, stages, f"run.out_dir={tmp_path}/straight"]
+    )
+    half = "train.stages=[{name: a, steps: 4, lr_schedule: warmup}]"
+    out = f"run.out_dir={tmp_path}/resumed"
+    first, _, step = run_distributed(_train, 2, [*base, half, out], True)[0]
+    assert step == 4 and (tmp_path / "resumed/checkpoints/stage_a/.metadata").exists()
+    # resume with a different DP size: the checkpoint reshards
+    ((second, p_resumed, step),) = run_distributed(_train, 1, [*base, stages, out], True)
+    assert step == 8 and len(second) == 4
+    torch.testing.assert_close(
+        torch.tensor(first + second), torch.tensor(straight), rtol=1e-5, atol=0
+    )
+    for n, p in p_straight.items():
+        torch.testing.assert_close(p_resumed[n], p, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _killed_save(rank, overrides, tmp):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, callbacks=[CheckpointCallback()])
+    trainer.fit()  # 2 steps: periodic step_000001 is written, then stage_main at step 2
+    good = {n: p.detach().clone() for n, p in trainer.named_params}
+
+    def crash(tmp_dir, final):
+        raise RuntimeError("simulated crash between write and rename")
+
+    ckpt_mod._commit, orig = crash, ckpt_mod._commit
+    try:
+        with torch.no_grad():
+            for p in trainer.params:
+                p.add_(1.0)
+        trainer.step = 99
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            trainer.save_checkpoint("step_000099")
+    finally:
+        ckpt_mod._commit = orig
+    leftovers = sorted(p.name for p in (tmp / "checkpoints").iterdir())
+    fresh = Trainer(cfg, callbacks=[])
+    path = fresh.resume()
+    restored = {n: p.detach().clone() for n, p in fresh.named_params}
+    return leftovers, path.name, fresh.step, all(torch.equal(good[n], restored[n]) for n in good)
+
+
+def test_killed_save_keeps_previous_checkpoint(tiny_corpus, cache_dir, tmp_path):
+    over = [
+        *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
+        "train.stages=[{name: main, steps: 2}]",
+        "checkpoint.every=1",
+    ]
+    ((leftovers, name, step, same),) = run_distributed(_killed_save, 1, over, tmp_path)
+    assert ".tmp-step_000099" in leftovers and "step_000099" not in leftovers
+    assert (name, step, same) == ("stage_main", 2, True)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "stage_main"
+
+
+def _corrupt_then_resume(rank, overrides, tmp):
+    cfg = load_config(None, overrides)
+    Trainer(cfg, callbacks=[CheckpointCallback()]).fit()
+    stage = tmp / "checkpoints" / "stage_main"
+    data = sorted(stage.glob("*.distcp"))[0]
+    data.write_bytes(data.read_bytes()[:10])  # truncate the newest checkpoint
+    messages = []
+    fresh = Trainer(cfg, callbacks=[])
+    fresh.log = messages.append
+    path = fresh.resume()
+    return path.name, fresh.step, messages
+
+
+def test_truncated_checkpoint_is_reported_and_skipped(tiny_corpus, cache_dir, tmp_path):
+    over = [
+        *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
+        "train.stages=[{name: main, steps: 2}]",
+        "checkpoint.every=1",
+    ]
+    ((name, step, messages),) = run_distributed(_corrupt_then_resume, 1, over, tmp_path)
+    assert (name, step) == ("step_000001", 1)
+    assert any("skipping" in m and "stage_main" in m and "truncated" in m for m in messages)
+
+
+def _nan_run(rank, overrides):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, callbacks=[])
+    with torch.no_grad():
+        next(iter(trainer.params)).fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in trainer.named_params}
+    try:
+        trainer.fit()
+    except TrainingStopped as e:
+        msg = str(e)
+    after = {n: p.detach().clone() for n, p in trainer.named_params}
+    unchanged = all(torch.equal(before[n].nan_to_num(), after[n].nan_to_num()) for n in before)
+    return msg, trainer.step, unchanged
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_corpus, cache_dir, tmp_path):
+    over = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path), "train.max_bad_steps=2"]
+    ((msg, step, unchanged),) = run_distributed(_nan_run, 1, over)
+    assert step == 2 and unchanged
+    assert "2 non-finite steps in a row" in msg and "step_000002" in msg
+    assert (tmp_path / "checkpoints" / "step_000002" / "ofs_meta.json").exists()
+
+
+def test_cli_writes_metrics_and_summary(tiny_corpus, cache_dir, tmp_path, capsys):
+    from ofs_scale.train import main
+
+    over = [
+        *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
+        "train.eval_every=2",
+        "train.stages=[{name: main, steps: 4}]",
+        "logging.wandb=offline",
+    ]
+    assert main(over) == 0
+    out = capsys.readouterr().out
+    assert "val ppl" in out and "run summary" in out
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s"):
+        assert key in steps[0]
+    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
+    assert any((tmp_path / "wandb").iterdir())
+    assert main([*over, "model.n_head=2"]) == 2
+    assert "did you mean model.n_heads" in capsys.readouterr().out
