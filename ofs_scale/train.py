@@ -220,6 +220,10 @@ class Trainer:
         """Train every remaining step of every stage (resuming if a checkpoint exists)."""
         cfg = self.cfg
         self.resume()
+        if self.mesh.is_logging_rank:
+            # The resolved config next to the checkpoints: quant eval rebuilds the model from it.
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
         total = cfg.total_steps
         for cb in self.callbacks:
             cb.on_train_start(self)
