@@ -34,6 +34,20 @@ class Tap(nn.Identity):
     """A named point whose forward hooks see an activation (metrics attach here)."""
 
 
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over head_dim with a learnable gain shared by all heads. Under TP each rank sees
+    only its heads, so the gain's gradient is summed over the TP group."""
+
+    def __init__(self, head_dim: int, layers: ParallelLayers) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.factory = layers
+
+    def forward(self, x_BHTK: torch.Tensor) -> torch.Tensor:
+        weight = self.factory.replicated(self.weight)
+        return F.rms_norm(x_BHTK, (x_BHTK.shape[-1],), weight=weight)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with optional QK-RMSNorm and RoPE; heads split over TP."""
 
@@ -54,8 +68,8 @@ class Attention(nn.Module):
         # Output features laid out (head, q/k/v, head_dim) so a TP split keeps whole heads.
         self.qkv = layers.column(d_model, 3 * d_model, bias, std)
         self.proj = layers.row(d_model, d_model, bias, out_std)
-        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(self.head_dim, layers) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, layers) if qk_norm else nn.Identity()
         self.rope_theta = rope_theta
         self.qk_tap = Tap()
 
@@ -121,6 +135,7 @@ class Block(nn.Module):
         bias: bool,
         beta: float,
         beta_trainable: bool,
+        norm_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -133,8 +148,9 @@ class Block(nn.Module):
             else:
                 self.beta_attn = self.beta_mlp = float(beta)
         else:
-            self.norm1 = build_norm(norm, d_model, bias)
-            self.norm2 = build_norm(norm, d_model, bias)
+            # norm_options: the factory and model config that batchless/psBN norms need.
+            self.norm1 = build_norm(norm, d_model, bias, **(norm_options or {}))
+            self.norm2 = build_norm(norm, d_model, bias, **(norm_options or {}))
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.kind == "pre":

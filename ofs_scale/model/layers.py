@@ -26,6 +26,7 @@ with warnings.catch_warnings():
         ColumnParallelLinear,
         RowParallelLinear,
         VocabParallelEmbedding,
+        copy_to_tensor_model_parallel_region,
         vocab_parallel_cross_entropy,
     )
 
@@ -67,8 +68,11 @@ class ParallelLayers:
         tp_group: dist.ProcessGroup,
         params_dtype: torch.dtype = torch.float32,
         perform_initialization: bool = True,
+        dp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.tp_group = tp_group
+        # Data-parallel group, for norms whose statistics span the global batch (psBN).
+        self.dp_group = dp_group
         self.tp = dist.get_world_size(tp_group)
         self.tp_rank = dist.get_rank(tp_group)
         self.config = ModelParallelConfig(
@@ -122,6 +126,13 @@ class ParallelLayers:
             skip_weight_param_allocation=tied,
             tp_group=self.tp_group,
         )
+
+    def replicated(self, t: torch.Tensor) -> torch.Tensor:
+        """Identity forward; gradient summed over TP in backward. For a replicated parameter used
+        only on this rank's shard of the work (e.g. a QK-norm gain applied to local heads)."""
+        if self.tp == 1:
+            return t
+        return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

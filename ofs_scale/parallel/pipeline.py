@@ -1,0 +1,146 @@
+"""Pipeline parallelism with torch.distributed.pipelining (runs on CPU/gloo and GPU/nccl alike).
+
+The layer list is cut into `pp * virtual_stages` contiguous, balanced chunks; pipeline rank r holds
+chunks r, r + pp, r + 2*pp, ... The first chunk embeds tokens, the last one applies the final norm,
+the head and the (vocab-parallel) loss. Megatron-core's own pipeline schedules allocate on CUDA
+unconditionally, so the schedules come from torch: GPipe, 1F1B and interleaved 1F1B.
+
+Training uses the schedule; evaluation is a plain forward-only relay (no autograd state), so its
+number of micro batches need not match training's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from ofs_scale.config import Config
+from ofs_scale.engine import Batch, ChunkView, autocast_context
+from ofs_scale.model import GPT, build_model
+from ofs_scale.parallel.mesh import Mesh
+from ofs_scale.parallel.plan import layer_chunks, rank_chunks
+
+
+def bubble_fraction(schedule: str, pp: int, n_micro: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of an ideal pipeline step: (p-1)/(v*m + p-1) (v=1 for GPipe and 1F1B)."""
+    v = virtual_stages if schedule == "interleaved" else 1
+    return (pp - 1) / (v * n_micro + pp - 1)
+
+
+class PipelineEngine:
+    """This pipeline rank's chunks, trained with a torch.distributed.pipelining schedule."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, vocab_size: int) -> None:
+        p = cfg.parallel
+        self.mesh = mesh
+        self.dtype = cfg.train.dtype
+        self.num_chunks = p.pp * p.virtual_stages
+        layer_sets = layer_chunks(cfg.model.n_layers, self.num_chunks)
+        self.chunk_ids = rank_chunks(cfg.model.n_layers, p.pp, p.virtual_stages, mesh.pp_rank)
+        self.chunks: list[GPT] = [
+            build_model(
+                cfg,
+                mesh,
+                vocab_size,
+                layer_ids=layer_sets[c],
+                first=c == 0,
+                last=c == self.num_chunks - 1,
+            )
+            for c in self.chunk_ids
+        ]
+        self.state_module: nn.Module = ChunkView(self.chunks)
+        self.stages = [
+            PipelineStage(chunk, c, self.num_chunks, mesh.device, group=mesh.pp_group)
+            for chunk, c in zip(self.chunks, self.chunk_ids)
+        ]
+        self.schedule_name = p.schedule
+        self._schedules: dict[int, object] = {}
+        self.has_loss = self.num_chunks - 1 in self.chunk_ids
+        self._loss_chunk = (
+            self.chunks[self.chunk_ids.index(self.num_chunks - 1)] if self.has_loss else None
+        )
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._loss_chunk.loss(logits, targets)
+
+    def _schedule(self, n_micro: int):
+        if n_micro not in self._schedules:
+            if self.schedule_name == "interleaved":
+                sched = ScheduleInterleaved1F1B(self.stages, n_micro, loss_fn=self._loss_fn)
+            else:
+                cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+                sched = cls(self.stages[0], n_micro, loss_fn=self._loss_fn)
+            self._schedules[n_micro] = sched
+        return self._schedules[n_micro]
+
+    def _share_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """The loss lives on the last stage; give it to every pipeline rank."""
+        if not self.has_loss:
+            total.zero_()
+        dist.all_reduce(total, group=self.mesh.pp_group)
+        return total
+
+    def forward_backward(self, batches: list[Batch]) -> torch.Tensor:
+        """Run the schedule over `batches` as micro batches; gradients are those of the mean
+        micro-batch loss (the schedule scales by 1/n_micro). Returns that mean on every rank."""
+        dev = self.mesh.device
+        x = torch.cat([b[0] for b in batches]).to(dev)
+        y = torch.cat([b[1] for b in batches]).to(dev)
+        losses: list[torch.Tensor] = []
+        sched = self._schedule(len(batches))
+        with autocast_context(self.dtype, dev):
+            if self.mesh.is_first_stage:
+                sched.step(x, target=y, losses=losses)
+            else:
+                sched.step(target=y, losses=losses)
+        total = torch.zeros((), device=dev)
+        if self.has_loss:
+            total += torch.stack([loss.detach().float() for loss in losses]).mean()
+        return self._share_loss(total)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward-only relay of every micro batch through the chunks in order."""
+        dev, m = self.mesh.device, self.mesh
+        total = torch.zeros((), device=dev)
+        for x, y in batches:
+            x, y = x.to(dev), y.to(dev)
+            hidden = None
+            for c in range(self.num_chunks):
+                owner = c % m.pp
+                if owner != m.pp_rank:
+                    continue
+                chunk = self.chunks[self.chunk_ids.index(c)]
+                if c == 0:
+                    inp = x
+                else:
+                    inp = torch.empty(
+                        (*x.shape, chunk.cfg.d_model), device=dev, dtype=torch.float32
+                    )
+                    dist.recv(inp, src=m.pp_global_rank((c - 1) % m.pp), group=m.pp_group)
+                with autocast_context(self.dtype, dev):
+                    hidden = chunk(inp)
+                if c < self.num_chunks - 1:
+                    dist.send(
+                        hidden.float().contiguous(),
+                        dst=m.pp_global_rank((c + 1) % m.pp),
+                        group=m.pp_group,
+                    )
+                else:
+                    total += chunk.loss(hidden, y)
+        total /= max(1, len(batches))
+        return self._share_loss(total)
