@@ -1,0 +1,145 @@
+"""The Trainer callback that measures outlier features every `metrics.every` steps.
+
+On a metric step `pre_step` hooks the sites of this rank's model chunks, the step's forward
+passes fill them (first micro batch only), and `post_step` reduces them over the whole mesh and
+adds `of/...`, `sigprop/...` and `attn/...` keys to the step's record, which the JSONL and wandb
+loggers then write. On every other step, and during evaluation, no hook is registered at all.
+At the end of the run the logging rank prints the per-layer table and writes the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.table import Table
+
+from ofs_scale.callbacks import Callback
+from ofs_scale.config import ConfigError
+from ofs_scale.logs import console
+from ofs_scale.metrics.collect import MLP, RESID, Collector, Site, select_sites
+
+if TYPE_CHECKING:
+    from ofs_scale.train import Trainer
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+class MetricsCallback(Callback):
+    """Outlier-feature metrics on metric steps; per-layer table, summary rows and plots."""
+
+    def __init__(self, plots: bool = True) -> None:
+        self.plots = plots
+        self.sites: list[Site] = []
+        self.collector: Collector | None = None
+        self.last: dict[str, float] = {}
+        self.last_step = 0
+        self.plot_paths: list[Path] = []
+
+    def is_metric_step(self, trainer: Trainer, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) is measured."""
+        every = trainer.cfg.metrics.every
+        return every > 0 and step % every == 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        cfg = trainer.cfg
+        if cfg.metrics.every < 0:
+            raise ConfigError(f"metrics.every={cfg.metrics.every} must be >= 0 (0 turns it off)")
+        if cfg.data.seq_len < 2:
+            raise ConfigError("metrics need data.seq_len >= 2 (cosine between tokens)")
+        try:
+            self.sites = select_sites(cfg.metrics.sites, cfg.model.n_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if not self.sites:
+            raise ConfigError("metrics.sites selects no site; use [all] or name some sites")
+        log_every = cfg.logging.every
+        if cfg.metrics.every and cfg.metrics.every % log_every:
+            trainer.log(
+                f"[yellow]warning:[/yellow] metrics.every={cfg.metrics.every} is not a multiple "
+                f"of logging.every={log_every}: some metric steps will not reach metrics.jsonl"
+            )
+
+    def pre_step(self, trainer: Trainer, step: int) -> None:
+        if not self.is_metric_step(trainer, step):
+            return
+        self.collector = Collector(self.sites, trainer.mesh)
+        self.collector.attach(trainer.engine.chunks)
+
+    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+        if self.collector is None:
+            return
+        try:
+            values = self.collector.reduce()
+        finally:
+            self.collector.detach()
+            self.collector = None
+        record.update(values)
+        self.last, self.last_step = values, step
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.collector is not None:  # the run stopped inside a metric step
+            self.collector.detach()
+            self.collector = None
+        if not trainer.mesh.is_logging_rank or not self.last:
+            return
+        console.print(self.table())
+        if self.plots and (trainer.out_dir / "metrics.jsonl").is_file():
+            from ofs_scale.metrics.plots import write_plots
+
+            self.plot_paths = write_plots(trainer.out_dir)
+            if self.plot_paths:
+                console.print(f"metric plots in {self.plot_paths[0].parent}:")
+                for p in self.plot_paths:
+                    console.print(f"  {p}")
+
+    def _layers(self) -> list[tuple[str, str | None]]:
+        """Table rows in depth order: (residual site name, block index `NN` or None)."""
+        names = {s.name for s in self.sites}
+        blocks = sorted({s.name.split("_")[1] for s in self.sites if "_" in s.name})
+        rows: list[tuple[str, str | None]] = [("embed", None)] if "embed" in names else []
+        rows += [(f"block_{i}", i) for i in blocks]
+        return rows + ([("final", None)] if "final" in names else [])
+
+    def table(self) -> Table:
+        """The per-layer metrics of the last metric step (max|x| and rms are in metrics.jsonl)."""
+        v = self.last
+        table = Table(title=f"outlier features, step {self.last_step}", box=box.SIMPLE_HEAD)
+        for c in ("site", "kurt", "kurt-1 c", "MMR", "cos", "MLP kurt", "MLP MMR", "attn H"):
+            table.add_column(c, justify="left" if c == "site" else "right", no_wrap=True)
+        for site, idx in self._layers():
+            keys = ("of/kurtosis", "of/kurtosis_c1", "of/mmr", "sigprop/cos")
+            cells = [v.get(f"{k}/{site}") for k in keys]
+            if idx is not None:
+                cells += [v.get(f"of/kurtosis/mlp_{idx}"), v.get(f"of/mmr/mlp_{idx}")]
+                cells.append(v.get(f"attn/entropy/attn_{idx}"))
+            table.add_row(site, *[_fmt(c) for c in cells])
+        return table
+
+    def summary(self, trainer: Trainer) -> dict[str, Any]:
+        if not self.last:
+            return {}
+        v = self.last
+        rows: dict[str, Any] = {"OF metrics step": self.last_step}
+        if "of/kurtosis_max" in v:
+            rows["kurtosis max / mean (residual)"] = (
+                f"{_fmt(v['of/kurtosis_max'])} / {_fmt(v['of/kurtosis_mean'])}"
+            )
+        for s in self.sites:
+            keys = ("of/kurtosis", "of/mmr", "sigprop/cos") if s.kind == RESID else ()
+            if s.kind == MLP:
+                keys = ("of/kurtosis", "of/mmr")
+            if keys:
+                label = "kurt / MMR / cos" if s.kind == RESID else "kurt / MMR"
+                rows[f"{label} {s.name}"] = " / ".join(_fmt(v.get(f"{k}/{s.name}")) for k in keys)
+        if self.plot_paths:
+            rows["metric plots"] = str(self.plot_paths[0].parent)
+        return rows

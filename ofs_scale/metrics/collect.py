@@ -1,0 +1,299 @@
+"""Forward hooks on the model's taps and the exact reductions of their statistics over the mesh.
+
+Per metric step, each site's hook fires on the first micro batch that passes through its chunk
+and turns the activation into small partial sums (per-neuron sums of squares, per-token
+max/median ratios, cosine and entropy sums); nothing large is kept. `Collector.reduce` then:
+
+1. sums the partials over the data-parallel group (all DP ranks' tokens count) and takes the max
+   of |x| (one all-reduce each);
+2. turns per-neuron sums into moments and sums those over the tensor-parallel group for sites
+   whose neurons (MLP hidden) or heads (attention) are split there; residual-stream sites are
+   replicated over TP and only tp_rank 0 contributes them;
+3. sums over the pipeline group, where every stage contributes only the sites it holds (zeros
+   elsewhere), so every rank, global rank 0 included, ends with every layer's values.
+
+The per-token median of a TP-split MLP site is found exactly by bisection on the float bit
+patterns with an all-reduce of counts per step (31 small all-reduces), never approximated.
+
+Shapes: N tokens, F neurons on this rank, B sequences, T tokens per sequence, D width.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ofs_scale.metrics import stats
+from ofs_scale.parallel.mesh import Mesh
+
+RESID, MLP, ATTN = "resid", "mlp", "attn"
+FIELDS = (
+    "sum_s2",
+    "sum_s4",
+    "sum_cs2",
+    "sum_cs4",
+    "width",
+    "mmr_sum",
+    "mmr_n",
+    "cos_sum",
+    "cos_n",
+    "ent_sum",
+    "ent_n",
+    "present",
+)
+# Fields every TP rank adds for a site whose neurons / heads are split over TP.
+SPLIT_FIELDS = {
+    RESID: set(),
+    MLP: {"sum_s2", "sum_s4", "sum_cs2", "sum_cs4", "width"},
+    ATTN: {"ent_sum", "ent_n"},
+}
+SITE_NAME = re.compile(r"^(embed|final|(block|mlp|attn)_(\d+))$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A measured point: `embed`, `block_03`, `final` (residual stream), `mlp_03`, `attn_03`."""
+
+    name: str
+    kind: str
+
+
+def all_sites(n_layers: int) -> list[Site]:
+    """Every site of an `n_layers` model, residual stream first, in depth order."""
+    sites = [Site("embed", RESID)]
+    sites += [Site(f"block_{i:02d}", RESID) for i in range(n_layers)]
+    sites.append(Site("final", RESID))
+    sites += [Site(f"mlp_{i:02d}", MLP) for i in range(n_layers)]
+    sites += [Site(f"attn_{i:02d}", ATTN) for i in range(n_layers)]
+    return sites
+
+
+def select_sites(names: list[str], n_layers: int) -> list[Site]:
+    """The sites named in `metrics.sites` (`all`, `resid`, `mlp`, `attn` or site names)."""
+    sites = all_sites(n_layers)
+    by_name = {s.name: s for s in sites}
+    chosen: set[str] = set()
+    for raw in names:
+        name = str(raw)
+        if name == "all":
+            chosen.update(by_name)
+        elif name in (RESID, MLP, ATTN):
+            chosen.update(s.name for s in sites if s.kind == name)
+        else:
+            m = SITE_NAME.match(name)
+            if m and m.group(3) is not None:
+                name = f"{m.group(2)}_{int(m.group(3)):02d}"
+            if name not in by_name:
+                raise ValueError(
+                    f"metrics.sites: unknown site {raw!r}; use all, resid, mlp, attn, embed, "
+                    f"final, or block_NN / mlp_NN / attn_NN with NN < model.n_layers={n_layers}"
+                )
+            chosen.add(name)
+    return [s for s in sites if s.name in chosen]
+
+
+def chunk_taps(chunk: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(site name, module whose forward output is the site's activation) of one GPT chunk."""
+    taps: list[tuple[str, nn.Module]] = []
+    if chunk.embed is not None:
+        taps.append(("embed", chunk.embed_tap))
+    for key, block in chunk.layers.items():
+        i = int(key)
+        taps.append((f"block_{i:02d}", block))
+        taps.append((f"mlp_{i:02d}", block.mlp.hidden))
+        taps.append((f"attn_{i:02d}", block.attn.qk_tap))
+    if chunk.head is not None:
+        taps.append(("final", chunk.final_tap))
+    return taps
+
+
+def distributed_kth(a_NF: torch.Tensor, k: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Per row, the exact k-th smallest (0-based) of the non-negative values whose columns are
+    spread over the ranks of `group`. Non-negative float32 values order like their int32 bit
+    patterns, so a bisection on the bit pattern with a global count per step finds the value."""
+    bits_NF = a_NF.float().contiguous().view(torch.int32)
+    lo_N = torch.zeros(a_NF.shape[0], dtype=torch.int64, device=a_NF.device)
+    hi_N = torch.full_like(lo_N, 2**31 - 1)
+    for _ in range(31):  # the interval [0, 2^31) halves each step
+        mid_N = (lo_N + hi_N) // 2
+        count_N = (bits_NF <= mid_N[:, None]).sum(-1)
+        dist.all_reduce(count_N, group=group)
+        enough_N = count_N > k
+        hi_N = torch.where(enough_N, mid_N, hi_N)
+        lo_N = torch.where(enough_N, lo_N, mid_N + 1)
+    return lo_N.to(torch.int32).view(torch.float32)
+
+
+class Collector:
+    """Hooks for one metric step; `attach`, run the step, `reduce`, `detach`."""
+
+    def __init__(self, sites: list[Site], mesh: Mesh) -> None:
+        self.sites = sites
+        self.mesh = mesh
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.hooked: list[Site] = []
+        self.partials: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def attach(self, chunks: list[nn.Module]) -> None:
+        """Register a forward hook on every selected site held by `chunks`."""
+        wanted = {s.name: s for s in self.sites}
+        for chunk in chunks:
+            for name, module in chunk_taps(chunk):
+                if name in wanted:
+                    self.hooked.append(wanted[name])
+                    self.handles.append(module.register_forward_hook(self._hook(wanted[name])))
+        order = {s.name: i for i, s in enumerate(self.sites)}
+        self.hooked.sort(key=lambda s: order[s.name])
+
+    def detach(self) -> None:
+        """Remove every hook (safe to call twice)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, site: Site):
+        def hook(module: nn.Module, inputs, output) -> None:
+            x = output[0] if isinstance(output, tuple) else output
+            # Only the first micro batch counts; the pipeline's shape inference runs on meta.
+            if site.name in self.partials or x.device.type == "meta":
+                return
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                if site.kind == ATTN:
+                    self.partials[site.name] = self._attention(output[0], output[1])
+                elif site.kind == MLP:
+                    self._partial_mlp(site.name, output)
+                else:
+                    self._partial_resid(site.name, output)
+
+        return hook
+
+    def _partial_resid(self, name: str, x_BTD: torch.Tensor) -> None:
+        if self.mesh.tp_rank != 0:  # replicated over TP: tp_rank 0 measures it for all
+            self.partials[name] = {}
+            return
+        B, T, D = x_BTD.shape
+        x_NF = x_BTD.detach().reshape(B * T, D).float()
+        mean_N = torch.sum(x_NF, dim=-1, dtype=torch.float64) / D
+        max_N, median_N = stats.abs_max_and_median(x_NF)
+        cos_B = stats.cosine_offdiag(x_BTD.detach())
+        self.partials[name] = self._width_partials(x_NF, mean_N, max_N, median_N)
+        self.partials[name].update(cos_sum=cos_B.sum(), cos_n=self._scalar(B, x_NF))
+
+    def _partial_mlp(self, name: str, h_BTF: torch.Tensor) -> None:
+        m = self.mesh
+        x_NF = h_BTF.detach().reshape(-1, h_BTF.shape[-1]).float()
+        width = x_NF.shape[-1] * m.tp
+        sum_N = torch.sum(x_NF, dim=-1, dtype=torch.float64)
+        if m.tp == 1:
+            max_N, median_N = stats.abs_max_and_median(x_NF)
+        else:
+            dist.all_reduce(sum_N, group=m.tp_group)
+            a_NF = x_NF.abs()
+            max_N = a_NF.amax(dim=-1)
+            dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=m.tp_group)
+            median_N = distributed_kth(a_NF, stats.lower_median_rank(width), m.tp_group)
+        self.partials[name] = self._width_partials(x_NF, sum_N / width, max_N, median_N)
+
+    def _width_partials(
+        self,
+        x_NF: torch.Tensor,
+        mean_N: torch.Tensor,
+        max_N: torch.Tensor,
+        median_N: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        sq_F, csq_F = stats.neuron_sums(x_NF, mean_N)
+        mmr_sum, mmr_n = stats.mmr_terms(max_N, median_N)
+        return {
+            "sq": sq_F,
+            "csq": csq_F,
+            "n": self._scalar(x_NF.shape[0], x_NF),
+            "mmr_sum": mmr_sum,
+            "mmr_n": mmr_n,
+            "max_abs": max_N.max().double(),
+        }
+
+    def _attention(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor) -> dict[str, torch.Tensor]:
+        ent_sum, ent_n = stats.attention_entropy(q_BHTK.detach(), k_BHTK.detach())
+        return {"ent_sum": ent_sum, "ent_n": ent_n}
+
+    @staticmethod
+    def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+
+    # -- reductions ------------------------------------------------------------------------
+
+    def reduce(self) -> dict[str, float]:
+        """Reduce the captured partials over DP, TP and PP; every rank returns the same dict."""
+        m = self.mesh
+        missing = [s.name for s in self.hooked if s.name not in self.partials]
+        if missing:
+            raise RuntimeError(f"metric hooks did not fire for {missing}: no forward pass ran")
+        partials = [self.partials[s.name] for s in self.hooked]
+        self._reduce_dp(partials)
+        sums_SF = torch.zeros(len(self.sites), len(FIELDS), dtype=torch.float64, device=m.device)
+        max_S = torch.zeros(len(self.sites), dtype=torch.float64, device=m.device)
+        row = {s.name: i for i, s in enumerate(self.sites)}
+        col = {f: j for j, f in enumerate(FIELDS)}
+        for site, part in zip(self.hooked, partials, strict=True):
+            for field, value in self._site_fields(part).items():
+                if m.tp_rank == 0 or field in SPLIT_FIELDS[site.kind]:
+                    sums_SF[row[site.name], col[field]] = value
+            if "max_abs" in part:
+                max_S[row[site.name]] = part["max_abs"]
+        for size, group in ((m.tp, m.tp_group), (m.pp, m.pp_group)):
+            if size > 1:
+                dist.all_reduce(sums_SF, group=group)
+                dist.all_reduce(max_S, op=dist.ReduceOp.MAX, group=group)
+        return self._finish(sums_SF.cpu(), max_S.cpu())
+
+    def _reduce_dp(self, partials: list[dict[str, torch.Tensor]]) -> None:
+        m = self.mesh
+        if m.dp == 1:
+            return
+        keys = [(i, k) for i, p in enumerate(partials) for k in sorted(p) if k != "max_abs"]
+        if keys:
+            flat = torch.cat([partials[i][k].reshape(-1) for i, k in keys])
+            dist.all_reduce(flat, group=m.dp_group)
+            for (i, k), piece in zip(keys, flat.split([partials[i][k].numel() for i, k in keys])):
+                partials[i][k] = piece.view_as(partials[i][k])
+        maxes = [i for i, p in enumerate(partials) if "max_abs" in p]
+        if maxes:
+            flat = torch.stack([partials[i]["max_abs"] for i in maxes])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=m.dp_group)
+            for i, v in zip(maxes, flat, strict=True):
+                partials[i]["max_abs"] = v
+
+    @staticmethod
+    def _site_fields(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """The FIELDS of one site from its DP-reduced partials (present fields only)."""
+        scalars = ("mmr_sum", "mmr_n", "cos_sum", "cos_n", "ent_sum", "ent_n")
+        out: dict[str, torch.Tensor | float] = {k: part[k] for k in scalars if k in part}
+        if "sq" in part:
+            out["sum_s2"], out["sum_s4"] = stats.neuron_moments(part["sq"], part["n"])
+            out["sum_cs2"], out["sum_cs4"] = stats.neuron_moments(part["csq"], part["n"])
+            out["width"] = float(part["sq"].numel())
+        if part:
+            out["present"] = 1.0
+        return out
+
+    def _finish(self, sums_SF: torch.Tensor, max_S: torch.Tensor) -> dict[str, float]:
+        record: dict[str, float] = {}
+        kurt: list[float] = []
+        for i, site in enumerate(self.sites):
+            fields = dict(zip(FIELDS, sums_SF[i].tolist(), strict=True))
+            if fields["present"] < 1:
+                raise RuntimeError(f"no rank measured site {site.name}; is it in the model?")
+            for key, value in stats.finish_site(fields, float(max_S[i]), site.kind).items():
+                record[f"{key}/{site.name}"] = value
+            if site.kind == RESID:
+                kurt.append(record[f"of/kurtosis/{site.name}"])
+        if kurt:
+            record["of/kurtosis_max"] = max(kurt)
+            record["of/kurtosis_mean"] = sum(kurt) / len(kurt)
+        return record

@@ -1,0 +1,150 @@
+"""PNG plots of a run's metrics.jsonl: kurtosis per layer (log scale), MMR, signal propagation
+and attention entropy, and the loss curve. Used at the end of training and by
+`tools/plot_metrics.py RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a metrics.jsonl file; unreadable lines (a torn write) are skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a record value (non-finite values are stored as strings)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def series(records: list[dict[str, Any]], prefix: str) -> Series:
+    """{site: (steps, values)} for every key `prefix/<site>`, sites in first-seen order; a step
+    logged twice (a resumed run redoing work) keeps its last value."""
+    by_site: dict[str, dict[int, float]] = {}
+    for rec in records:
+        for key, value in rec.items():
+            if not key.startswith(prefix + "/"):
+                continue
+            x = _number(value)
+            if x is not None:
+                by_site.setdefault(key[len(prefix) + 1 :], {})[int(rec["step"])] = x
+    return {site: (sorted(d), [d[s] for s in sorted(d)]) for site, d in by_site.items()}
+
+
+def _is_resid(site: str) -> bool:
+    return site in ("embed", "final") or site.startswith("block_")
+
+
+def _panel(ax, data: Series, title: str, ylabel: str, log: bool) -> None:
+    cmap = plt.get_cmap("viridis")
+    for i, (site, (steps, values)) in enumerate(data.items()):
+        ax.plot(steps, values, label=site, color=cmap(i / max(1, len(data) - 1)), marker=".")
+    if log and any(v > 0 for _, vs in data.values() for v in vs):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if data:
+        ax.legend(fontsize="x-small", ncol=2 if len(data) > 8 else 1)
+
+
+def _two_panels(
+    records: list[dict[str, Any]], prefix: str, ylabel: str, log: bool, path: Path
+) -> Path | None:
+    data = series(records, prefix)
+    if not data:
+        return None
+    resid = {k: v for k, v in data.items() if _is_resid(k)}
+    other = {k: v for k, v in data.items() if not _is_resid(k)}
+    panels = [(resid, "residual stream"), (other, "MLP hidden")]
+    panels = [(d, t) for d, t in panels if d]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (d, t) in zip(axes[0], panels, strict=True):
+        _panel(ax, d, f"{ylabel}: {t}", ylabel, log)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sigprop(records: list[dict[str, Any]], path: Path) -> Path | None:
+    cos, ent = series(records, "sigprop/cos"), series(records, "attn/entropy")
+    panels = [(cos, "signal propagation: mean cosine between tokens", "cosine")]
+    panels.append((ent, "attention entropy (heads averaged)", "nats"))
+    panels = [p for p in panels if p[0]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (d, title, ylabel) in zip(axes[0], panels, strict=True):
+        _panel(ax, d, title, ylabel, log=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
+    train = {int(r["step"]): _number(r["loss"]) for r in records if "loss" in r}
+    val = {int(r["step"]): _number(r["val_loss"]) for r in records if "val_loss" in r}
+    train = {s: v for s, v in train.items() if v is not None}
+    val = {s: v for s, v in val.items() if v is not None}
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    if train:
+        ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
+    if val:
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write kurtosis.png, mmr.png, sigprop.png and loss.png for the run in `run_dir` (those
+    with data) into `out_dir` (default `<run_dir>/plots`); return their paths."""
+    run_dir = Path(run_dir)
+    jsonl = run_dir / "metrics.jsonl"
+    if not jsonl.is_file():
+        raise FileNotFoundError(
+            f"{jsonl} does not exist; pass the run.out_dir of a run that has logged steps"
+        )
+    records = load_records(jsonl)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        _two_panels(records, "of/kurtosis", "kurtosis", True, out_dir / "kurtosis.png"),
+        _two_panels(records, "of/mmr", "MMR", True, out_dir / "mmr.png"),
+        _sigprop(records, out_dir / "sigprop.png"),
+        _loss(records, out_dir / "loss.png"),
+    ]
+    return [p for p in written if p is not None]
