@@ -1,0 +1,151 @@
+"""ZeRO-1 for shape-aware optimizers: every whole parameter has one owner in the DP group.
+
+Flattening parameters into equal partitions (DeepSpeed, Megatron's distributed optimizer) cuts
+matrices apart, which SOAP and Shampoo cannot work with; here the unit of ownership is a whole
+parameter (a whole TP shard under tensor parallelism), assigned by longest-processing-time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ofs_scale.config import OptimConfig
+from ofs_scale.parallel.mesh import Mesh
+
+# Broadcast buckets hold at most this many elements (the same bound as the gradient buckets).
+BUCKET_ELEMS = 1 << 24
+
+CostFn = Callable[[tuple[int, ...], OptimConfig], float]
+
+
+def numel_cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
+    """Cost of an elementwise optimizer (AdamW): one unit per element."""
+    n = 1
+    for d in shape:
+        n *= d
+    return float(n)
+
+
+def assign_owners(
+    named: list[tuple[str, torch.Tensor]], cost: CostFn, cfg: OptimConfig, num_ranks: int
+) -> dict[str, int]:
+    """Owner rank of every parameter: longest-processing-time over `cost`, deterministic.
+
+    Parameters are taken by decreasing cost (name breaks ties) and each goes to the rank with
+    the least load so far (lowest rank breaks ties); every rank computes the same answer from
+    names and shapes alone, with no communication.
+    """
+    jobs = sorted(((cost(tuple(p.shape), cfg), n) for n, p in named), key=lambda j: (-j[0], j[1]))
+    loads = [(0.0, r) for r in range(num_ranks)]
+    owner: dict[str, int] = {}
+    for c, name in jobs:
+        load, rank = heapq.heappop(loads)
+        owner[name] = rank
+        heapq.heappush(loads, (load + c, rank))
+    return owner
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of the optimizer state tensors this rank holds (materialising lazy state)."""
+    total = 0
+    for st in optimizer.named_state().values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+class ShardedOptimizer:
+    """Runs an inner optimizer on the parameters this DP rank owns, then shares the results.
+
+    Communication per step: none before the update (the trainer has already averaged the full
+    gradient over DP, so every rank holds it and the owner preconditions a fully reduced
+    gradient); after the update each owner broadcasts its updated parameters to the DP group in
+    flat buckets, so every rank ends the step with identical weights. Total traffic equals one
+    all-gather of the parameters. State (moments, factors, bases) exists only on the owner, and
+    `named_state` returns only owned parameters, so checkpoint keys are unique across ranks and
+    a different DP size on load simply has another rank request each key. With one DP rank
+    everything is owned and no collective runs: it is then exactly the inner optimizer.
+    """
+
+    def __init__(
+        self,
+        named: list[tuple[str, nn.Parameter]],
+        cfg: OptimConfig,
+        mesh: Mesh,
+        inner_cls: type,
+    ) -> None:
+        self.mesh = mesh
+        self.params = [p for _, p in named]
+        cost = getattr(inner_cls, "cost", numel_cost)
+        self.owner = assign_owners(named, cost, cfg, mesh.dp)
+        owned = [(n, p) for n, p in named if self.owner[n] == mesh.dp_rank]
+        self.inner = inner_cls(owned, cfg)
+        self.by_owner = [[p for n, p in named if self.owner[n] == r] for r in range(mesh.dp)]
+        self.src = [
+            dist.get_global_rank(mesh.dp_group, r) if mesh.dp > 1 else mesh.rank
+            for r in range(mesh.dp)
+        ]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizer's groups (the trainer sets `lr` here); same layout on all ranks."""
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update owned parameters, then broadcast every owner's parameters to the DP group."""
+        self.inner.step()
+        if self.mesh.dp > 1:
+            for rank, params in enumerate(self.by_owner):
+                self._broadcast(params, rank)
+
+    def _broadcast(self, params: list[torch.Tensor], rank: int) -> None:
+        mine = rank == self.mesh.dp_rank
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for tensors in by_dtype.values():
+            bucket: list[torch.Tensor] = []
+            size = 0
+            for t in [*tensors, None]:
+                if t is not None:
+                    bucket.append(t)
+                    size += t.numel()
+                if bucket and (t is None or size >= BUCKET_ELEMS):
+                    self._broadcast_bucket(bucket, size, rank, mine)
+                    bucket, size = [], 0
+
+    def _broadcast_bucket(
+        self, bucket: list[torch.Tensor], size: int, rank: int, mine: bool
+    ) -> None:
+        if mine:
+            flat = _flatten_dense_tensors([t.data for t in bucket])
+        else:
+            flat = torch.empty(size, dtype=bucket[0].dtype, device=bucket[0].device)
+        dist.broadcast(flat, src=self.src[rank], group=self.mesh.dp_group)
+        if not mine:
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.data.copy_(src)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter, owned or not."""
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def named_state(self) -> dict[str, dict]:
+        """State of the owned parameters only, by name, materialised."""
+        return self.inner.named_state()
+
+    def owned_names(self) -> list[str]:
+        """Names of the parameters this rank owns."""
+        return [n for n, r in self.owner.items() if r == self.mesh.dp_rank]

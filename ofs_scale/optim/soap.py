@@ -1,0 +1,259 @@
+"""SOAP (Vyas et al., 2024): Adam run in the eigenbasis of Shampoo's Kronecker factors.
+
+Every 2-D weight is its own problem; gains, biases and scalars use plain AdamW. The shared
+machinery for matrix optimizers (parameter groups, lazily created state addressed by name, the
+AdamW path, a guarded eigendecomposition) lives here too and is reused by Shampoo.
+
+Legend: G_MN gradient of an M x N weight; L_MM, R_NN its left/right factors; QL_MM, QR_NN their
+eigenbases (columns in descending eigenvalue order); m_MN, v_MN Adam moments in the rotated space.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ofs_scale.config import OptimConfig
+from ofs_scale.optim.adamw import param_groups
+
+log = logging.getLogger("ofs_scale.optim")
+
+StateDict = dict[str, torch.Tensor]
+
+
+def safe_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, in fp32.
+
+    fp32 first, fp64 if that fails; None with a logged warning when the matrix is not finite or
+    both attempts fail, so the caller keeps its previous preconditioner instead of crashing.
+    """
+    if not bool(torch.isfinite(mat).all()):
+        log.warning("%s is not finite: preconditioner update skipped and the factor reset", what)
+        return None
+    for dtype in (torch.float32, torch.float64):
+        try:
+            evals, evecs = torch.linalg.eigh(mat.to(dtype))
+        except RuntimeError as e:  # torch.linalg.LinAlgError derives from RuntimeError
+            log.warning("eigh of %s failed in %s (%s)", what, dtype, str(e)[:120])
+            continue
+        if bool(torch.isfinite(evecs).all()):
+            return evals.float(), evecs.float()
+    log.warning("eigh of %s failed in fp32 and fp64: previous preconditioner kept", what)
+    return None
+
+
+def adam_direction(
+    m: torch.Tensor, v: torch.Tensor, t: int, betas: tuple[float, float], eps: float
+) -> torch.Tensor:
+    """Bias-corrected Adam direction m_hat / (sqrt(v_hat) + eps) after `t` moment updates."""
+    beta1, beta2 = betas
+    bc1 = 1.0 - beta1**t
+    bc2_sqrt = math.sqrt(1.0 - beta2**t)
+    return (m / bc1) / (v.sqrt() / bc2_sqrt + eps)
+
+
+def apply_update_(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay, then p -= lr * update (update may be the 2-D view of p)."""
+    if weight_decay:
+        p.mul_(1.0 - lr * weight_decay)
+    p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr)
+
+
+def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    """The 2-D shape a weight is preconditioned as (leading dim x everything else)."""
+    return p.shape[0], p[0].numel()
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base of SOAP and Shampoo: AdamW for tensors with ndim < 2, a matrix rule for the rest.
+
+    State is created lazily per parameter (`_init_matrix_state`) and is also materialised by
+    `named_state`, so a checkpoint can be loaded into it in place; `step` counts the calls that
+    reached each parameter and is part of that state, so a reloaded optimizer continues exactly.
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> None:
+        if cfg.precondition_frequency < 1:
+            raise ValueError(
+                f"optim.precondition_frequency={cfg.precondition_frequency} must be >= 1"
+            )
+        if cfg.max_precond_dim < 1:
+            raise ValueError(f"optim.max_precond_dim={cfg.max_precond_dim} must be >= 1")
+        defaults = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": 0.0}
+        super().__init__(param_groups(named, cfg.weight_decay), defaults)
+        self.cfg = cfg
+        self.names = {p: n for n, p in named}
+        self.shampoo_beta = cfg.betas[1] if cfg.shampoo_beta is None else cfg.shampoo_beta
+
+    @staticmethod
+    def cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
+        """Relative compute cost of one parameter's update (used to balance ownership)."""
+        raise NotImplementedError
+
+    def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:
+        raise NotImplementedError
+
+    def _matrix_step(self, p: torch.Tensor, g_MN: torch.Tensor, st: StateDict, group) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, st: StateDict) -> None:
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        if p.ndim < 2:
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        else:
+            self._init_matrix_state(p, st)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """One update of every parameter that has a gradient."""
+        if closure is not None:
+            raise ValueError(
+                "closures are not supported by SOAP/Shampoo; call step() after backward"
+            )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    self._init_state(p, st)
+                g = p.grad.float()
+                if p.ndim < 2:
+                    st["step"] += 1
+                    st["exp_avg"].lerp_(g, 1.0 - group["betas"][0])
+                    st["exp_avg_sq"].mul_(group["betas"][1]).addcmul_(
+                        g, g, value=1.0 - group["betas"][1]
+                    )
+                    d = adam_direction(
+                        st["exp_avg"],
+                        st["exp_avg_sq"],
+                        int(st["step"]),
+                        group["betas"],
+                        group["eps"],
+                    )
+                    apply_update_(p, d, group["lr"], group["weight_decay"])
+                else:
+                    self._matrix_step(p, g.reshape(matrix_shape(p)), st, group)
+
+    def named_state(self) -> dict[str, StateDict]:
+        """State by parameter name, materialised (zeros) where not yet created."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    self._init_state(p, st)
+                out[self.names[p]] = st
+        return out
+
+
+class SOAP(MatrixOptimizer):
+    """SOAP over named parameters (`optim.name=soap`).
+
+    Per 2-D weight: factors L = sb*L + (1-sb) G G^T and R = sb*R + (1-sb) G^T G (a side longer
+    than `max_precond_dim` gets none and stays unrotated). The first step only builds L, R and
+    their eigenbases. Afterwards each step rotates G' = QL^T G QR, updates Adam moments there,
+    applies p -= lr * QL (m_hat / (sqrt(v_hat) + eps)) QR^T after decoupled weight decay, and then
+    folds G into L and R. Every `precondition_frequency` Adam steps the bases are refreshed by one
+    power iteration plus QR, after sorting by the estimated eigenvalues diag(Q^T L Q) (v is
+    permuted alongside, m is re-expressed in the new basis).
+    """
+
+    @staticmethod
+    def cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
+        if len(shape) < 2:
+            return float(math.prod(shape))
+        m, n = shape[0], math.prod(shape[1:])
+        sides = [d for d in (m, n) if d <= cfg.max_precond_dim]
+        return float(sum(d**3 for d in sides) + m * n * (sum(sides) + 1))
+
+    def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:
+        m, n = matrix_shape(p)
+        dev = p.device
+        st["exp_avg"] = torch.zeros(m, n, device=dev)
+        st["exp_avg_sq"] = torch.zeros(m, n, device=dev)
+        for side, d in (("L", m), ("R", n)):
+            if d <= self.cfg.max_precond_dim:
+                st[side] = torch.zeros(d, d, device=dev)
+                st["Q" + side] = torch.zeros(d, d, device=dev)
+
+    @staticmethod
+    def rotate(x_MN: torch.Tensor, st: StateDict) -> torch.Tensor:
+        """QL^T x QR (sides without a factor are left alone)."""
+        if "QL" in st:
+            x_MN = st["QL"].T @ x_MN
+        if "QR" in st:
+            x_MN = x_MN @ st["QR"]
+        return x_MN
+
+    @staticmethod
+    def unrotate(x_MN: torch.Tensor, st: StateDict) -> torch.Tensor:
+        """QL x QR^T, the inverse of `rotate`."""
+        if "QL" in st:
+            x_MN = st["QL"] @ x_MN
+        if "QR" in st:
+            x_MN = x_MN @ st["QR"].T
+        return x_MN
+
+    def _update_factors(self, g_MN: torch.Tensor, st: StateDict) -> None:
+        sb = self.shampoo_beta
+        if "L" in st:
+            st["L"].mul_(sb).add_(g_MN @ g_MN.T, alpha=1.0 - sb)
+        if "R" in st:
+            st["R"].mul_(sb).add_(g_MN.T @ g_MN, alpha=1.0 - sb)
+
+    def _init_bases(self, p: torch.Tensor, st: StateDict) -> None:
+        for side in ("L", "R"):
+            if side not in st:
+                continue
+            found = safe_eigh(st[side], f"SOAP factor {side} of {self.names[p]}")
+            q = st["Q" + side]
+            if found is None:
+                st[side].zero_()
+                q.copy_(torch.eye(q.shape[0], device=q.device))
+            else:
+                q.copy_(found[1].flip(1))  # descending eigenvalues
+
+    def _refresh_bases(self, p: torch.Tensor, st: StateDict) -> None:
+        m_MN = self.unrotate(st["exp_avg"], st)
+        v_MN = st["exp_avg_sq"]
+        for dim, side in enumerate(("L", "R")):
+            if side not in st:
+                continue
+            f, q = st[side], st["Q" + side]
+            if not bool(torch.isfinite(f).all()):
+                log.warning(
+                    "SOAP factor %s of %s is not finite: basis kept, factor reset",
+                    side,
+                    self.names[p],
+                )
+                f.zero_()
+                continue
+            est = (q * (f @ q)).sum(0)  # diag(Q^T F Q)
+            order = torch.argsort(est, descending=True)
+            q_sorted = q[:, order]
+            v_MN.copy_(v_MN.index_select(dim, order))
+            q.copy_(torch.linalg.qr(f @ q_sorted)[0])
+        st["exp_avg"].copy_(self.rotate(m_MN, st))
+
+    def _matrix_step(self, p: torch.Tensor, g_MN: torch.Tensor, st: StateDict, group) -> None:
+        t = int(st["step"])  # Adam steps taken so far are t - 1; the first call only builds bases
+        st["step"] += 1
+        if t == 0:
+            self._update_factors(g_MN, st)
+            self._init_bases(p, st)
+            return
+        beta1, beta2 = group["betas"]
+        gr_MN = self.rotate(g_MN, st)
+        st["exp_avg"].lerp_(gr_MN, 1.0 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(gr_MN, gr_MN, value=1.0 - beta2)
+        d_MN = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"])
+        apply_update_(p, self.unrotate(d_MN, st), group["lr"], group["weight_decay"])
+        # Factors take G only after the update, so a gradient never preconditions itself.
+        self._update_factors(g_MN, st)
+        if t % self.cfg.precondition_frequency == 0:
+            self._refresh_bases(p, st)
