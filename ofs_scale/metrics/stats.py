@@ -30,8 +30,9 @@ def lower_median_rank(width: int) -> int:
 
 def neuron_sums(x_NF: torch.Tensor, mean_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron sums over tokens of x^2 and of the width-centred (x - mean_N)^2, in float64."""
-    sq_F = torch.sum(x_NF * x_NF, dim=0, dtype=torch.float64)
-    c_NF = x_NF.double() - mean_N.double()[:, None]
+    x_NF = x_NF.double()
+    sq_F = torch.sum(x_NF * x_NF, dim=0)
+    c_NF = x_NF - mean_N.double()[:, None]
     csq_F = torch.sum(c_NF * c_NF, dim=0)
     return sq_F, csq_F
 
