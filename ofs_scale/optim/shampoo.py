@@ -35,7 +35,9 @@ def block_slices(m: int, n: int, size: int) -> list[tuple[int, int, slice, slice
 
 def inverse_fourth_root(f: torch.Tensor, what: str) -> torch.Tensor | None:
     """(F + eps * lambda_max(F) I)^(-1/4) of a symmetric PSD factor, or None if eigh fails."""
-    found = safe_eigh(f, what)
+    # fp64: with eps 1e-6 the root spans a 1e6 eigenvalue range, where fp32 eigh loses the
+    # small eigenvalues (Anil et al. compute these roots in fp64 for the same reason).
+    found = safe_eigh(f, what, dtypes=(torch.float64,))
     if found is None:
         return None
     evals, evecs = found

@@ -24,16 +24,21 @@ log = logging.getLogger("ofs_scale.optim")
 StateDict = dict[str, torch.Tensor]
 
 
-def safe_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, in fp32.
+def safe_eigh(
+    mat: torch.Tensor,
+    what: str,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, returned in fp32.
 
-    fp32 first, fp64 if that fails; None with a logged warning when the matrix is not finite or
-    both attempts fail, so the caller keeps its previous preconditioner instead of crashing.
+    Tried in each of `dtypes` in turn (fp32, then fp64 if that fails); None with a logged
+    warning when the matrix is not finite or every attempt fails, so the caller keeps its
+    previous preconditioner instead of crashing.
     """
     if not bool(torch.isfinite(mat).all()):
         log.warning("%s is not finite: preconditioner update skipped and the factor reset", what)
         return None
-    for dtype in (torch.float32, torch.float64):
+    for dtype in dtypes:
         try:
             evals, evecs = torch.linalg.eigh(mat.to(dtype))
         except RuntimeError as e:  # torch.linalg.LinAlgError derives from RuntimeError
@@ -41,7 +46,8 @@ def safe_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
             continue
         if bool(torch.isfinite(evecs).all()):
             return evals.float(), evecs.float()
-    log.warning("eigh of %s failed in fp32 and fp64: previous preconditioner kept", what)
+    tried = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    log.warning("eigh of %s failed (tried %s): previous preconditioner kept", what, tried)
     return None
 
 
