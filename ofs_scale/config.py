@@ -95,6 +95,9 @@ class ModelConfig:
     """Scale the init of attention and MLP output projections by 1/sqrt(2*n_layers)."""
     bln_weight: float = 1.0
     """Weight of the batchless-norm auxiliary loss."""
+    bln_data_init: bool = False
+    """Batchless norm: set mu/sigma from the first training micro batch (off keeps 1 x 8 and
+    8 x 1 micro batching bit-for-bit comparable from step 0)."""
     psbn_alpha: float = 0.1
     """Post-shift added after the affine transform of psBN."""
 
@@ -148,6 +151,12 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many non-finite losses in a row."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` picks CUDA when available."""
+    engine: Literal["native", "deepspeed"] = "native"
+    """`native` (our data parallelism and sharded optimizers) or `deepspeed` (DeepSpeed ZeRO with
+    AdamW, pp=1 only; see docs/engines.md)."""
+    zero_stage: Literal[1, 2] = 1
+    """DeepSpeed ZeRO stage with train.engine=deepspeed: 1 shards optimizer state, 2 also
+    gradients."""
 
 
 @dataclass
@@ -179,7 +188,15 @@ class CmdConfig:
     every: int = 0
     """Record sampled weight trajectories every N steps (0: off)."""
     num_weights: int = 1000
-    """Sampled weights per record."""
+    """Sampled weights per record (spread over parameters in proportion to their size)."""
+    min_per_layer: int = 2
+    """At least this many sampled weights from every parameter tensor."""
+    online: bool = True
+    """Online CMD: fit every weight to the modes and report `val_loss_cmd` at each eval."""
+    warmup: int = 10
+    """Online CMD: records before modes and references are frozen."""
+    modes: int = 10
+    """Online CMD: number of modes M."""
 
 
 @dataclass
@@ -232,6 +249,18 @@ class LaunchConfig:
     """SLURM account."""
     qos: str = ""
     """SLURM quality of service."""
+    mem_gb: int = 0
+    """Memory per node in GB (0: the cluster default)."""
+    constraint: str = ""
+    """SLURM node constraint (e.g. `h100`; empty: none)."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM sends the checkpoint-and-requeue signal
+    (USR1 for slurm/*.sh, USR2 for submitit); must cover one step plus one checkpoint."""
+    max_requeues: int = 20
+    """Time-limit requeues a submitit job may do before it gives up."""
+    post_run: list[str] = field(default_factory=list)
+    """Hooks `module:function` called as `function(cfg, run_dir)` on rank 0 after a run (or
+    sweep point) finishes training, e.g. post-training quantisation."""
 
 
 @dataclass
@@ -541,6 +570,17 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.lr > 0, "optim.lr must be positive")
     need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    need(m.bln_weight >= 0, f"model.bln_weight={m.bln_weight} must be >= 0")
+    c = cfg.metrics.cmd
+    need(c.every >= 0, f"metrics.cmd.every={c.every} must be >= 0 (0: off)")
+    need(c.num_weights >= 2, f"metrics.cmd.num_weights={c.num_weights} must be at least 2")
+    need(c.min_per_layer >= 0, f"metrics.cmd.min_per_layer={c.min_per_layer} must be >= 0")
+    need(c.modes >= 1, f"metrics.cmd.modes={c.modes} must be >= 1")
+    need(
+        c.warmup >= 3 and c.warmup >= c.modes,
+        f"metrics.cmd.warmup={c.warmup} must be >= 3 and >= metrics.cmd.modes={c.modes} "
+        "(correlations need several records and at least one reference per mode)",
+    )
     need(
         p.virtual_stages == 1 or p.schedule == "interleaved",
         "parallel.virtual_stages > 1 needs parallel.schedule=interleaved",
@@ -550,6 +590,18 @@ def validate(cfg: Config) -> None:
         "model.tie_embeddings is not supported with parallel.pp > 1 (embedding and head live on "
         "different stages); set model.tie_embeddings=false",
     )
+    if t.engine == "deepspeed":
+        need(
+            p.pp == 1,
+            f"train.engine=deepspeed does not support parallel.pp={p.pp}; set parallel.pp=1 "
+            "or use train.engine=native for pipeline parallelism",
+        )
+        need(
+            cfg.optim.name == "adamw",
+            f"train.engine=deepspeed supports only optim.name=adamw (got {cfg.optim.name!r}): "
+            "DeepSpeed's flat partitions cut matrices apart; use train.engine=native for "
+            "SOAP and Shampoo",
+        )
     chunks = p.pp * p.virtual_stages
     need(
         m.n_layers >= chunks,

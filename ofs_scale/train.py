@@ -65,10 +65,19 @@ class Trainer:
             m.dp,
             cfg.run.seed,
         )
-        self.engine = build_engine(cfg, m, self.prepared.vocab_size)
+        self.deepspeed = t.engine == "deepspeed"
+        if self.deepspeed:  # DeepSpeed ZeRO owns reduction, clipping and the AdamW update
+            from ofs_scale.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(cfg, m, self.prepared.vocab_size)
+        else:
+            self.engine = build_engine(cfg, m, self.prepared.vocab_size)
         self.named_params = self.engine.named_parameters()
         self.params = [p for _, p in self.named_params]
-        self.optimizer = build_optimizer(self.named_params, cfg.optim, m)
+        if self.deepspeed:
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = build_optimizer(self.named_params, cfg.optim, m)
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir or self.out_dir / "checkpoints", m, cfg.checkpoint.keep
         )
@@ -100,6 +109,9 @@ class Trainer:
             from ofs_scale.metrics.callback import MetricsCallback
 
             cbs.append(MetricsCallback())
+        from ofs_scale.metrics.collapse import instrument_callbacks
+
+        cbs.extend(instrument_callbacks(self.cfg))  # collapse, batchless aux loss, CMD
         if self.mesh.is_logging_rank:
             cbs.append(JsonlLogger(self.out_dir / "metrics.jsonl"))
             if self.cfg.logging.wandb != "disabled":
@@ -119,15 +131,22 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": torch.get_rng_state(),
         }
+        if self.deepspeed:
+            return self.engine.checkpoint_state(extra)
         return training_state(self.engine.state_module, self.optimizer, extra, self.mesh)
 
     def save_checkpoint(self, name: str) -> Path:
+        if self.deepspeed:
+            return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step)
         return self.ckpt.save(name, self.state(), self.step)
 
     def resume(self) -> Path | None:
         """Load the newest usable checkpoint of this run, if any."""
         state = self.state()
-        path = self.ckpt.load_latest(state, log=self.log)
+        if self.deepspeed:
+            path = self.engine.load_latest(self.ckpt, state, log=self.log)
+        else:
+            path = self.ckpt.load_latest(state, log=self.log)
         if path is None:
             return None
         extra = state["extra"]
@@ -164,20 +183,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.train(True)
-        loss = self.engine.forward_backward(self._batches(self.train_split, self.sampler.next()))
-        average_across_dp(self.params, m)
-        if m.dp > 1:
-            dist.all_reduce(loss, group=m.dp_group)
-            loss /= m.dp
-        norm = global_grad_norm(self.params, m)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-        if finite:
-            clip_grads(self.params, cfg.train.grad_clip, norm)
-            self.optimizer.step()
-            self.bad_streak = 0
+        batches = self._batches(self.train_split, self.sampler.next())
+        if self.deepspeed:
+            loss, norm, finite = self.engine.step(batches)
+            self.bad_streak = 0 if finite else self.bad_streak + 1
         else:
-            self.bad_streak += 1
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = self.engine.forward_backward(batches)
+            average_across_dp(self.params, m)
+            if m.dp > 1:
+                dist.all_reduce(loss, group=m.dp_group)
+                loss /= m.dp
+            norm = global_grad_norm(self.params, m)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+            if finite:
+                clip_grads(self.params, cfg.train.grad_clip, norm)
+                self.optimizer.step()
+                self.bad_streak = 0
+            else:
+                self.bad_streak += 1
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         step_tokens = cfg.train.global_batch * cfg.data.seq_len
         self.tokens += step_tokens
@@ -310,11 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
+        from ofs_scale.launch.signals import PreemptionGuard, finish_preempted
+
+        guard = PreemptionGuard().install()  # SIGUSR1/SIGTERM: checkpoint, stop, requeue
         trainer = Trainer(cfg)
+        trainer.callbacks.append(guard)
         summary = trainer.fit()
         if trainer.mesh.is_logging_rank:
             print_summary(summary)
             console.print(f"metrics: {trainer.out_dir / 'metrics.jsonl'}")
+        if (message := finish_preempted(trainer, guard)) is not None:
+            console.print(f"[launch] {message}")
     except (ConfigError, DataError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
