@@ -27,6 +27,7 @@ with warnings.catch_warnings():
         RowParallelLinear,
         VocabParallelEmbedding,
         copy_to_tensor_model_parallel_region,
+        set_tensor_model_parallel_attributes,
         vocab_parallel_cross_entropy,
     )
 
@@ -46,8 +47,19 @@ def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return init
 
 
+def _mark_split(p: torch.Tensor | None, dim: int) -> None:
+    """Megatron-core marks split weights only when it initialises them; mark them always (the
+    meta-device build skips initialisation) so checkpoints and counts can rely on it."""
+    if p is not None and not hasattr(p, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(p, True, dim, 1)
+
+
 class ColumnLinear(ColumnParallelLinear):
     """Output features split over TP; returns the tensor alone."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _mark_split(self.weight, 0)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x, weight=weight)[0]
@@ -55,6 +67,10 @@ class ColumnLinear(ColumnParallelLinear):
 
 class RowLinear(RowParallelLinear):
     """Input features split over TP, output all-reduced; returns the tensor alone."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _mark_split(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
@@ -109,9 +125,11 @@ class ParallelLayers:
 
     def embedding(self, num: int, dim: int, std: float) -> VocabParallelEmbedding:
         """Token embedding with the vocabulary split over TP."""
-        return VocabParallelEmbedding(
+        emb = VocabParallelEmbedding(
             num, dim, init_method=normal_init(std), config=self.config, tp_group=self.tp_group
         )
+        _mark_split(emb.weight, 0)
+        return emb
 
     def head(self, d_in: int, vocab: int, std: float, tied: bool) -> ColumnLinear:
         """Unembedding producing vocab-parallel logits; with `tied` it owns no weight and is

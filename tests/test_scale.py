@@ -1,0 +1,62 @@
+"""7B-shaped dry runs allocate nothing, and per-rank parameter counts match real models."""
+
+from __future__ import annotations
+
+import resource
+
+from ofs_scale.config import load_config
+from ofs_scale.model import analytic_param_count, count_params
+from ofs_scale.parallel.plan import layer_chunks, per_rank_param_counts
+from tests.harness import run_distributed
+
+SEVEN_B = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "data.vocab_size=32000"]
+
+
+def test_layer_chunks_balanced():
+    assert layer_chunks(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert sum(len(c) for c in layer_chunks(32, 8)) == 32
+
+
+def test_dry_run_7b_allocates_nothing(capsys):
+    from ofs_scale.train import main
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rc = main(["--dry-run", *SEVEN_B, "model.block=op", "parallel.tp=4", "parallel.pp=4"])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    out = capsys.readouterr().out
+    assert rc == 0 and grown_mb < 1000
+    cfg = load_config(None, [*SEVEN_B, "model.block=op"])
+    total = analytic_param_count(cfg, 32000)
+    assert 6.5e9 < total < 7.0e9
+    assert f"{total:,}" in out
+    assert "pp stage 3" in out
+
+
+def _real_counts(rank, over, vocab):
+    from ofs_scale.engine import build_engine
+    from ofs_scale.parallel.mesh import init_mesh
+
+    cfg = load_config(None, over)
+    mesh = init_mesh(cfg.parallel.tp, cfg.parallel.pp)
+    engine = build_engine(cfg, mesh, vocab)
+    local = sum(count_params(c, mesh.tp)[0] for c in engine.chunks)
+    return mesh.pp_rank, local
+
+
+def test_per_rank_counts_match_built_models():
+    over = [
+        "model.d_model=64",
+        "model.n_layers=3",
+        "model.n_heads=4",
+        "model.activation=swiglu",
+        "model.qk_norm=true",
+        "parallel.tp=2",
+        "parallel.pp=2",
+    ]
+    vocab = 1000
+    predicted = per_rank_param_counts(load_config(None, over), vocab)
+    for pp_rank, local in run_distributed(_real_counts, 4, over, vocab):
+        assert local == predicted[pp_rank]
+    single = load_config(None, over[:-2])
+    ((_, whole),) = run_distributed(_real_counts, 1, over[:-2], vocab)
+    assert whole == analytic_param_count(single, vocab) == sum(per_rank_param_counts(single, vocab))
