@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ofs_scale.config import Config
+from ofs_scale.model.batchless import configure_aux_scaling
 from ofs_scale.model.gpt import GPT, resolved
 from ofs_scale.model.layers import ParallelLayers, is_tp_sharded, padded_vocab_size
 from ofs_scale.parallel.mesh import Mesh
@@ -15,9 +16,14 @@ __all__ = ["GPT", "ParallelLayers", "build_model", "count_params", "padded_vocab
 
 def build_model(cfg: Config, mesh: Mesh, vocab_size: int, **chunk) -> GPT:
     """The model (or a pipeline chunk, via `layer_ids`/`first`/`last`) on this rank's device."""
-    layers = ParallelLayers(mesh.tp_group)
+    layers = ParallelLayers(mesh.tp_group, dp_group=mesh.dp_group)
     vocab = padded_vocab_size(vocab_size, mesh.tp)
     model = GPT(cfg.model, vocab, cfg.data.seq_len, layers, seed=cfg.run.seed, **chunk)
+    # Batchless aux gradients follow the task loss's micro-batch scaling: the local engine
+    # divides each micro-batch loss by their number, the pipeline schedule divides gradients
+    # afterwards (see model/batchless.py).
+    micro = cfg.train.global_batch // (cfg.train.micro_batch * mesh.dp)
+    configure_aux_scaling(model, micro if mesh.pp == 1 else 1)
     return model.to(mesh.device)
 
 
@@ -39,7 +45,14 @@ def analytic_param_count(cfg: Config, vocab_size: int) -> int:
     d_ff = int(m.ffn_mult * d)
     vocab = padded_vocab_size(vocab_size, 1)
     bias = 1 if m.bias else 0
-    norm_params = {"layernorm": d * (1 + bias), "rmsnorm": d, "srms": 0, "none": 0}[m.norm]
+    norm_params = {
+        "layernorm": d * (1 + bias),
+        "rmsnorm": d,
+        "srms": 0,
+        "none": 0,
+        "batchless": d * (3 + bias),
+        "psbn": d * (1 + bias),
+    }[m.norm]
     head_dim = d // m.n_heads
     attn = 3 * d * d + 3 * d * bias + d * d + d * bias + (2 * head_dim if r["qk_norm"] else 0)
     n_up = 2 if r["activation"] == "swiglu" else 1

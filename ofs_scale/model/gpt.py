@@ -104,14 +104,24 @@ class GPT(nn.Module):
                 )
                 mlp = MLP(cfg.d_model, d_ff, r["activation"], layers, std, out_std, cfg.bias)
                 self.layers[str(i)] = Block(
-                    cfg.block, attn, mlp, cfg.norm, cfg.d_model, cfg.bias, beta, cfg.beta_trainable
+                    cfg.block,
+                    attn,
+                    mlp,
+                    cfg.norm,
+                    cfg.d_model,
+                    cfg.bias,
+                    beta,
+                    cfg.beta_trainable,
+                    norm_options={"layers": layers, "cfg": cfg},
                 )
         self.final_norm = self.head = None
         self.final_tap = Tap()
         if last:
             with seeded(seed, "head"):
                 if cfg.final_norm:
-                    self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.bias)
+                    self.final_norm = build_norm(
+                        cfg.norm, cfg.d_model, cfg.bias, layers=layers, cfg=cfg
+                    )
                 tied = cfg.tie_embeddings
                 if tied and self.embed is None:
                     raise ValueError("tied embeddings need the embedding and head in one chunk")

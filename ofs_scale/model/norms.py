@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
+from ofs_scale.model.batchless import BatchlessNorm
+from ofs_scale.model.psbn import PostShiftBatchNorm
 
-def build_norm(kind: str, dim: int, bias: bool = False) -> nn.Module:
-    """`layernorm`, `rmsnorm` (with gain), `srms` (RMSNorm without gain) or `none`."""
+if TYPE_CHECKING:
+    from ofs_scale.config import ModelConfig
+    from ofs_scale.model.layers import ParallelLayers
+
+
+def build_norm(
+    kind: str,
+    dim: int,
+    bias: bool = False,
+    layers: ParallelLayers | None = None,
+    cfg: ModelConfig | None = None,
+) -> nn.Module:
+    """`layernorm`, `rmsnorm` (with gain), `srms` (RMSNorm without gain), `none`, `batchless`
+    (learned statistics, aux loss weight `cfg.bln_weight`) or `psbn` (batch norm synchronised
+    over `layers.dp_group`, post-shift `cfg.psbn_alpha`)."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, bias=bias)
     if kind == "rmsnorm":
@@ -15,7 +32,15 @@ def build_norm(kind: str, dim: int, bias: bool = False) -> nn.Module:
         return nn.RMSNorm(dim, elementwise_affine=False)
     if kind == "none":
         return nn.Identity()
+    dp_group = getattr(layers, "dp_group", None)
+    if kind == "batchless":
+        weight = cfg.bln_weight if cfg is not None else 1.0
+        data_init = cfg.bln_data_init if cfg is not None else False
+        return BatchlessNorm(dim, bias, weight, data_init, dp_group)
+    if kind == "psbn":
+        alpha = cfg.psbn_alpha if cfg is not None else 0.1
+        return PostShiftBatchNorm(dim, bias, alpha, dp_group)
     raise ValueError(
-        f"model.norm={kind!r} is not available in this version; "
-        "use layernorm, rmsnorm, srms or none"
+        f"model.norm={kind!r} is not available; "
+        "use layernorm, rmsnorm, srms, none, batchless or psbn"
     )
