@@ -41,7 +41,8 @@ def alive_units(h: torch.Tensor) -> torch.Tensor:
 
 def dead_fraction(h: torch.Tensor) -> float:
     """Fraction of hidden units (last dim) never positive over every token of `h`."""
-    return 1.0 - alive_units(h).float().mean().item()
+    alive = alive_units(h)
+    return int((~alive).sum()) / alive.numel()
 
 
 def gamma_small_fractions(model: nn.Module, threshold: float = GAMMA_SMALL) -> dict[str, float]:
@@ -50,7 +51,7 @@ def gamma_small_fractions(model: nn.Module, threshold: float = GAMMA_SMALL) -> d
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if "Norm" in type(m).__name__ and isinstance(w, nn.Parameter) and w.ndim == 1:
-            out[name] = (w.detach().abs() < threshold).float().mean().item()
+            out[name] = int((w.detach().abs() < threshold).sum()) / w.numel()
     return out
 
 

@@ -81,15 +81,15 @@ class PostShiftBatchNorm(nn.Module):
 
     def batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean_D, biased var_D, token count) over this micro batch on every DP rank."""
-        x_ND = x.float().reshape(-1, x.shape[-1])
-        dim = x_ND.shape[1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 sums in fp32
+        x_ND = x.to(acc).reshape(-1, x.shape[-1])
         count = x_ND.new_tensor([float(x_ND.shape[0])])
-        sums = torch.cat([x_ND.sum(0), x_ND.pow(2).sum(0), count])
-        sums = all_reduce_sum(sums, self.dp_group)
+        sums = all_reduce_sum(torch.cat([x_ND.sum(0), count]), self.dp_group)
         n = sums[-1]
-        mean_D = sums[:dim] / n
-        # E[x^2] - E[x]^2 in fp32 can dip below zero by rounding; clamp keeps sqrt finite.
-        var_D = (sums[dim : 2 * dim] / n - mean_D.pow(2)).clamp_min(0.0)
+        mean_D = sums[:-1] / n
+        # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 cancels badly when a
+        # feature's mean is large against its spread, which outlier features make common.
+        var_D = all_reduce_sum((x_ND - mean_D).pow(2).sum(0), self.dp_group) / n
         return mean_D, var_D, n.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class PostShiftBatchNorm(nn.Module):
                 self.num_batches_tracked.add_(1)
         else:
             mean_D, var_D = self.running_mean, self.running_var
-        z = (x.float() - mean_D) * torch.rsqrt(var_D + self.eps)
+        z = (x.to(mean_D.dtype) - mean_D) * torch.rsqrt(var_D + self.eps)
         y = z * self.weight
         if self.bias is not None:
             y = y + self.bias
