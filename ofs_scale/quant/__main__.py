@@ -1,0 +1,109 @@
+"""int8 post-training quantisation evaluation of a checkpoint.
+
+python -m ofs_scale.quant RUN_DIR_OR_CKPT [--weights tensor|channel] [--acts static|dynamic]
+    [--scope linear|all] [--fp-head] [--calib-batches 16] [--eval-batches N]
+torchrun --nproc_per_node=N -m ofs_scale.quant RUN_DIR --tp T     (any layout; DCP reshards)
+
+Prints fp / W8 / A8 / W8A8 validation perplexity and writes quant.json and quant.md into the run
+directory (quant-<options>.* for non-default options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ofs_scale.checkpoint import CheckpointError
+from ofs_scale.config import ConfigError
+from ofs_scale.data import DataError
+from ofs_scale.logs import console
+from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
+from ofs_scale.quant.sim import QuantSpec
+from ofs_scale.quant.table import kurtosis_summary, print_table, read_jsonl, write_outputs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    p = argparse.ArgumentParser(
+        prog="python -m ofs_scale.quant",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="run directory (newest checkpoint) or one checkpoint directory")
+    p.add_argument(
+        "--weights",
+        choices=["tensor", "channel"],
+        default="tensor",
+        help="symmetric int8 weight scale per tensor (default, the study's protocol) or per "
+        "output channel",
+    )
+    p.add_argument(
+        "--acts",
+        choices=["static", "dynamic"],
+        default="static",
+        help="activation range: calibrated per tensor (default) or per token at run time",
+    )
+    p.add_argument(
+        "--scope",
+        choices=["linear", "all"],
+        default="linear",
+        help="`all` also quantises residual sums and attention probabilities",
+    )
+    p.add_argument("--fp-head", action="store_true", help="keep the unembedding in float")
+    p.add_argument("--calib-batches", type=int, default=16, help="training batches to calibrate")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help="global validation batches (default: the run's train.eval_batches)",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this evaluation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--config", help="training YAML, for runs without a saved config.yaml")
+    p.add_argument("--out", help="where to write quant.json/.md (default: the run directory)")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as `args` say; print and write the results on the logging rank."""
+    if args.calib_batches < 1:
+        raise ConfigError("--calib-batches must be at least 1")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise ConfigError("--eval-batches must be at least 1")
+    spec = QuantSpec(args.weights, args.acts, args.scope, head=not args.fp_head)
+    paths = resolve(args.path, args.config)
+    loaded = load_run(paths, args.overrides, tp=args.tp, device=args.device)
+    result = quant_eval(loaded, spec, args.calib_batches, args.eval_batches)
+    run_dir = paths.run_dir or loaded.checkpoint.parent
+    result["kurtosis"] = kurtosis_summary(read_jsonl(run_dir / "metrics.jsonl"))
+    if loaded.mesh.is_logging_rank:
+        print_table(result, console)
+        json_path, md_path = write_outputs(result, Path(args.out or run_dir), spec)
+        console.print(f"wrote {json_path} and {md_path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_intermixed_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        run(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    finally:
+        if dist.is_initialized():
+            from ofs_scale.parallel.mesh import destroy_mesh
+
+            destroy_mesh()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Load a trained model from a run or checkpoint directory and measure its int8 perplexities.
+
+The model is rebuilt from the run's `config.yaml` under the layout of the processes at hand
+(DCP reshards the checkpoint), validation loss is measured on the same windows that training
+evaluation uses, and static activation ranges are calibrated on the run's first training batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ofs_scale.checkpoint import CheckpointManager, read_meta, training_state
+from ofs_scale.config import Config, ConfigError, check_world, load_config
+from ofs_scale.data import BatchSampler, TokenSplit, collate, eval_micro_batches, open_data
+from ofs_scale.data import prepare_data as _prepare
+from ofs_scale.engine import build_engine
+from ofs_scale.parallel.mesh import Mesh, init_mesh
+from ofs_scale.quant.sim import QuantSpec, calibrate, fake_quantized
+
+SETTINGS = {"fp": (False, False), "W8": (True, False), "A8": (False, True), "W8A8": (True, True)}
+
+
+@dataclass
+class RunPaths:
+    """A checkpoint, the run directory it belongs to (if known) and the config to rebuild it."""
+
+    checkpoint: Path | None
+    run_dir: Path | None
+    config: Path | None
+
+
+def resolve(path: str | Path, config: str | Path | None = None) -> RunPaths:
+    """Accept a run directory (newest checkpoint is used) or one checkpoint directory."""
+    p = Path(path)
+    if (p / ".metadata").is_file():
+        ckpt: Path | None = p
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+    elif (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():
+        ckpt, run_dir = None, p
+    else:
+        raise ConfigError(
+            f"{p} is neither a run directory (with checkpoints/) nor a checkpoint directory "
+            "(with .metadata); pass runs/<name> or runs/<name>/checkpoints/<checkpoint>"
+        )
+    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        config = run_dir / "config.yaml"
+    if config is None:
+        raise ConfigError(
+            f"no config.yaml found for {p} (runs written before it was saved have none); "
+            "pass --config with the training YAML and the same overrides used for training"
+        )
+    return RunPaths(ckpt, run_dir, Path(config))
+
+
+class _NoOptimizer:
+    """Model-only loading: DCP reads just the `model/...` keys (a partial load)."""
+
+    def named_state(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class LoadedRun:
+    """Model engine, data and layout of a run rebuilt for evaluation."""
+
+    cfg: Config
+    mesh: Mesh
+    engine: Any
+    train_split: TokenSplit
+    val_split: TokenSplit
+    checkpoint: Path
+    step: int
+    paths: RunPaths
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare_data(cfg: Config, mesh: Mesh):
+    d = cfg.data
+    args = (d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, d.max_files)
+    # Rank 0 builds the cache first; the others then only read it.
+    prepared = _prepare(*args, show_progress=False) if mesh.rank == 0 else None
+    dist.barrier()
+    return prepared or _prepare(*args, show_progress=False)
+
+
+def load_run(
+    paths: RunPaths, overrides: list[str] = (), tp: int = 1, device: str = "cpu"
+) -> LoadedRun:
+    """Rebuild the model of `paths` with tensor parallelism `tp` (data parallel over the rest of
+    the processes; pipeline parallelism off) and load its checkpoint weights into it."""
+    cfg = load_config(paths.config, [*overrides, f"parallel.tp={tp}", "parallel.pp=1"])
+    cfg.parallel.virtual_stages = 1
+    cfg.train.device = device
+    mesh = init_mesh(tp, 1, cfg.parallel.backend, device)
+    check_world(cfg, mesh.world_size)
+    torch.manual_seed(cfg.run.seed)
+    prepared = _prepare_data(cfg, mesh)
+    train_split, val_split = open_data(prepared, cfg.data.seq_len)
+    engine = build_engine(cfg, mesh, prepared.vocab_size)
+    state = training_state(engine.state_module, _NoOptimizer(), {}, mesh)
+    state.pop("extra")
+    run_dir = paths.run_dir or Path(cfg.run.out_dir)
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    manager = CheckpointManager(root, mesh)
+    if paths.checkpoint is not None:
+        manager.load(paths.checkpoint, state)
+        ckpt = paths.checkpoint
+    else:
+        found = manager.load_latest(state, log=print)
+        if found is None:
+            raise ConfigError(
+                f"no usable checkpoint under {root}; train the run first or pass a "
+                "checkpoint directory"
+            )
+        ckpt = found
+    step = int(read_meta(ckpt).get("step", -1))
+    return LoadedRun(cfg, mesh, engine, train_split, val_split, ckpt, step, paths)
+
+
+def val_loss(run: LoadedRun, eval_batches: int) -> float:
+    """Mean validation loss over the training run's evaluation windows (all DP ranks)."""
+    cfg, m = run.cfg, run.mesh
+    ids = eval_micro_batches(
+        run.val_split.num_samples,
+        eval_batches,
+        cfg.train.global_batch,
+        cfg.train.micro_batch,
+        m.dp_rank,
+        m.dp,
+    )
+    run.engine.train(False)
+    loss = run.engine.evaluate([collate(run.val_split, i) for i in ids])
+    if m.dp > 1:
+        dist.all_reduce(loss, group=m.dp_group)
+        loss /= m.dp
+    return float(loss)
+
+
+def calibration_batches(run: LoadedRun, num_batches: int) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's micro batches of the run's first `num_batches` global training batches."""
+    cfg, m = run.cfg, run.mesh
+    t = cfg.train
+    sampler = BatchSampler(
+        run.train_split.num_samples, t.global_batch, t.micro_batch, m.dp_rank, m.dp, cfg.run.seed
+    )
+    ids = [mb for step in range(num_batches) for mb in sampler.rank_micro_batches(step)]
+    return [collate(run.train_split, i) for i in ids]
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def quant_eval(
+    run: LoadedRun, spec: QuantSpec, calib_batches: int = 16, eval_batches: int | None = None
+) -> dict[str, Any]:
+    """fp / W8 / A8 / W8A8 validation loss and perplexity of the loaded model under `spec`
+    (its weight and activation options; the four settings switch the two sides on and off)."""
+    eval_batches = eval_batches or run.cfg.train.eval_batches
+    chunks, tp_group = run.engine.chunks, run.mesh.tp_group
+    ranges: dict[str, tuple[float, float]] = {}
+    if spec.acts == "static":
+        batches = calibration_batches(run, calib_batches)
+        run.engine.train(False)
+        ranges = calibrate(
+            chunks,
+            spec,
+            lambda: run.engine.evaluate(batches),
+            tp_group,
+            run.mesh.dp_group,
+        )
+    results: dict[str, Any] = {}
+    for name, (weights, acts) in SETTINGS.items():
+        side_spec = spec.with_sides(weights, acts)
+        with torch.no_grad(), fake_quantized(chunks, side_spec, ranges, tp_group):
+            loss = val_loss(run, eval_batches)
+        results[name] = {"val_loss": loss, "val_ppl": _ppl(loss)}
+    fp = results["fp"]["val_ppl"]
+    for r in results.values():
+        r["increase_pct"] = 100.0 * (r["val_ppl"] - fp) / fp
+    return {
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "spec": {
+            "weights": spec.weights,
+            "acts": spec.acts,
+            "scope": spec.scope,
+            "head": spec.head,
+        },
+        "calib_batches": calib_batches if spec.acts == "static" else 0,
+        "eval_batches": eval_batches,
+        "eval_sequences": eval_batches * run.cfg.train.global_batch,
+        "layout": {"tp": run.mesh.tp, "dp": run.mesh.dp},
+        "results": results,
+    }

@@ -1,0 +1,177 @@
+"""int8 fake quantisation: round-trip bounds, planted outliers, per-channel vs per-tensor, the
+CLI on a trained run, and TP=2 / DP=2 evaluation equal to the single-process one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ofs_scale.quant.fake import (
+    ACT_LEVELS,
+    WEIGHT_QMAX,
+    fake_quant_asym,
+    fake_quant_dynamic,
+    fake_quant_weight,
+    weight_scale,
+)
+from tests.conftest import tiny_overrides
+from tests.harness import run_distributed
+
+SPECS = {
+    "default": {},
+    "channel-dynamic-all": {"weights": "channel", "acts": "dynamic", "scope": "all"},
+    "all-static": {"scope": "all"},
+}
+
+
+def test_weight_round_trip_bound_and_grid_is_exact():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 24, generator=g) * torch.logspace(-2, 1, 16).unsqueeze(1)
+    for per_channel in (False, True):
+        scale = weight_scale(w, per_channel)
+        err = (fake_quant_weight(w, per_channel) - w).abs()
+        assert torch.all(err <= scale / 2 + 1e-7)
+        # Values already on the int8 grid come back exactly, the largest one included.
+        on_grid = torch.randint(-WEIGHT_QMAX, WEIGHT_QMAX + 1, w.shape, generator=g) * scale
+        on_grid[:, :1] = WEIGHT_QMAX * scale  # every row (and the tensor) keeps its maximum
+        torch.testing.assert_close(fake_quant_weight(on_grid, per_channel), on_grid)
+    w0 = torch.zeros(3, 4)
+    assert torch.equal(fake_quant_weight(w0, False), w0)
+
+
+def test_activation_round_trip_bound_saturation_and_zero():
+    x = torch.linspace(-3.0, 5.0, 1001)
+    lo, hi = torch.tensor(-3.0), torch.tensor(5.0)
+    step = 8.0 / ACT_LEVELS
+    q = fake_quant_asym(x, lo, hi)
+    assert float((q - x).abs().max()) <= step / 2 + 1e-6
+    assert len(torch.unique(q)) <= ACT_LEVELS + 1
+    assert float(fake_quant_asym(torch.tensor([0.0]), lo, hi)) == 0.0  # zero is exact
+    clipped = fake_quant_asym(torch.tensor([-10.0, 10.0]), lo, hi)
+    torch.testing.assert_close(clipped, torch.tensor([-3.0, 5.0]), atol=step, rtol=0)
+    # A positive-only range is widened to contain 0 (ReLU outputs keep their zeros).
+    assert float(fake_quant_asym(torch.tensor([0.0]), torch.tensor(1.0), hi)) == 0.0
+    # Per token: a row with a huge value does not coarsen the other rows.
+    x_NC = torch.stack([torch.linspace(-1, 1, 64), torch.linspace(-100, 100, 64)])
+    err = (fake_quant_dynamic(x_NC) - x_NC).abs().amax(dim=1)
+    assert float(err[0]) <= 1.0 / ACT_LEVELS + 1e-6 and float(err[1]) > 10 * float(err[0])
+
+
+def test_per_channel_never_worse_than_per_tensor_on_weights():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        rows = torch.logspace(-1, 1, 32)[torch.randperm(32, generator=g)].unsqueeze(1)
+        w = torch.randn(32, 48, generator=g) * rows
+        w[trial % 32] *= 100.0  # one outlier output channel
+        err_t = (fake_quant_weight(w, False) - w).pow(2).mean(dim=1)
+        err_c = (fake_quant_weight(w, True) - w).pow(2).mean(dim=1)
+        assert float(err_c.sum()) <= float(err_t.sum())
+        # Per-channel steps are never coarser than the tensor's step, row by row.
+        assert torch.all(weight_scale(w, True) <= weight_scale(w, False) + 1e-12)
+
+
+def plant_outlier(model, channel: int, factor: float) -> None:
+    """Scale residual channel `channel` of every norm output by `factor` and divide the weight
+    columns that read it: the fp function is unchanged, int8 per-tensor ranges are not."""
+    with torch.no_grad():
+        for block in model.layers.values():
+            pairs = [(block.norm1, [block.attn.qkv]), (block.norm2, [block.mlp.up])]
+            for norm, readers in pairs:
+                norm.weight[channel] *= factor
+                for lin in readers:
+                    lin.weight[:, channel] /= factor
+        model.final_norm.weight[channel] *= factor
+        model.head.weight[:, channel] /= factor
+
+
+def _single(rank, overrides, run_dir):
+    import torch.distributed as dist
+
+    from ofs_scale.callbacks import CheckpointCallback
+    from ofs_scale.config import load_config
+    from ofs_scale.quant.__main__ import main as quant_main
+    from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
+    from ofs_scale.quant.sim import QuantSpec
+    from ofs_scale.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides), callbacks=[CheckpointCallback()])
+    trainer.fit()
+    fp_ppl = trainer.last_eval["val_ppl"]
+    out = {"fp_ppl": fp_ppl}
+    # The CLI end to end on the run directory (config.yaml written by the trainer); it tears
+    # the process group down when done, so a fresh one follows.
+    out["cli_rc"] = quant_main([str(run_dir), "--calib-batches", "2", "--device", "cpu"])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    run = load_run(resolve(run_dir))
+    before = {n: p.detach().clone() for n, p in run.engine.model.named_parameters()}
+    out["specs"] = {k: quant_eval(run, QuantSpec(**v), 2) for k, v in SPECS.items()}
+    out["restored"] = all(torch.equal(p, before[n]) for n, p in run.engine.model.named_parameters())
+    out["channel_w8"] = quant_eval(run, QuantSpec(weights="channel"), 2)["results"]["W8"]
+    plant_outlier(run.engine.model, channel=3, factor=100.0)
+    out["planted"] = quant_eval(run, QuantSpec(), 2)
+    return out
+
+
+def _parallel(rank, run_dir, tp):
+    from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
+    from ofs_scale.quant.sim import QuantSpec
+
+    run = load_run(resolve(run_dir), tp=tp)
+    return {k: quant_eval(run, QuantSpec(**v), 2) for k, v in SPECS.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("quant") / "run"
+    overrides = [
+        *tiny_overrides(tiny_corpus, cache_dir, run_dir),
+        "train.stages=[{name: main, steps: 40, lr_schedule: constant}]",
+        "optim.lr=1e-2",
+        "train.eval_batches=2",
+    ]
+    (single,) = run_distributed(_single, 1, overrides, run_dir)
+    return run_dir, single
+
+
+def test_cli_writes_results_and_restores_weights(trained):
+    run_dir, single = trained
+    assert single["cli_rc"] == 0
+    result = json.loads((run_dir / "quant.json").read_text())
+    assert set(result["results"]) == {"fp", "W8", "A8", "W8A8"}
+    assert result["results"]["fp"]["val_ppl"] == pytest.approx(single["fp_ppl"], rel=1e-5)
+    assert result["results"]["W8A8"]["val_ppl"] != result["results"]["fp"]["val_ppl"]
+    assert "| W8A8 |" in (run_dir / "quant.md").read_text()
+    assert single["restored"]
+
+
+def test_planted_outlier_hurts_w8a8_per_tensor(trained):
+    _, single = trained
+    clean, planted = single["specs"]["default"]["results"], single["planted"]["results"]
+    # Same fp function (an exact reparametrisation up to rounding) ...
+    assert planted["fp"]["val_loss"] == pytest.approx(clean["fp"]["val_loss"], rel=1e-4)
+    # ... but the outlier channel stretches every per-tensor activation range.
+    assert planted["W8A8"]["increase_pct"] > 5 * max(clean["W8A8"]["increase_pct"], 0.01)
+    assert planted["A8"]["increase_pct"] > planted["W8"]["increase_pct"]
+
+
+def test_per_channel_weights_not_worse_on_model(trained):
+    _, single = trained
+    tensor_w8 = single["specs"]["default"]["results"]["W8"]["val_loss"]
+    fp = single["specs"]["default"]["results"]["fp"]["val_loss"]
+    channel_w8 = single["channel_w8"]["val_loss"]
+    assert abs(channel_w8 - fp) <= abs(tensor_w8 - fp) + 1e-4
+
+
+@pytest.mark.parametrize("tp", [2, 1])
+def test_tp2_and_dp2_equal_single_process(trained, tp):
+    run_dir, single = trained
+    results = run_distributed(_parallel, 2, run_dir, tp)
+    for rank_result in results:
+        for key in SPECS:
+            got, want = rank_result[key]["results"], single["specs"][key]["results"]
+            for setting in want:
+                assert got[setting]["val_loss"] == pytest.approx(
+                    want[setting]["val_loss"], rel=2e-4
+                ), (key, setting, tp)
