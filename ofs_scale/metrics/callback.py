@@ -78,7 +78,8 @@ class MetricsCallback(Callback):
         if self.collector is None:
             return
         try:
-            values = self.collector.reduce()
+            t = trainer.cfg.train
+            values = self.collector.reduce(t.global_batch // (t.micro_batch * trainer.mesh.dp))
         finally:
             self.collector.detach()
             self.collector = None
@@ -97,9 +98,10 @@ class MetricsCallback(Callback):
 
             self.plot_paths = write_plots(trainer.out_dir)
             if self.plot_paths:
-                console.print(f"metric plots in {self.plot_paths[0].parent}:")
+                # soft_wrap: a long path stays on one line, so it can be copied
+                console.print(f"metric plots in {self.plot_paths[0].parent}:", soft_wrap=True)
                 for p in self.plot_paths:
-                    console.print(f"  {p}")
+                    console.print(f"  {p}", soft_wrap=True, highlight=False)
 
     def _layers(self) -> list[tuple[str, str | None]]:
         """Table rows in depth order: (residual site name, block index `NN` or None)."""

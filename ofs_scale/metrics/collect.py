@@ -1,7 +1,7 @@
 """Forward hooks on the model's taps and the exact reductions of their statistics over the mesh.
 
-Per metric step, each site's hook fires on the first micro batch that passes through its chunk
-and turns the activation into small partial sums (per-neuron sums of squares, per-token
+Per metric step, each site's hook turns the activation of the first micro batch that passes
+through its chunk into small partial sums (per-neuron sums of squares, per-token
 max/median ratios, cosine and entropy sums); nothing large is kept. `Collector.reduce` then:
 
 1. sums the partials over the data-parallel group (all DP ranks' tokens count) and takes the max
@@ -31,6 +31,9 @@ from ofs_scale.metrics import stats
 from ofs_scale.parallel.mesh import Mesh
 
 RESID, MLP, ATTN = "resid", "mlp", "attn"
+# Partials kept per site and step: the first micro batch, or the pass before it when a pipeline
+# stage runs its one-off metadata inference first (see `Collector.reduce`).
+KEPT_CALLS = 2
 FIELDS = (
     "sum_s2",
     "sum_s4",
@@ -136,7 +139,8 @@ class Collector:
         self.mesh = mesh
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.hooked: list[Site] = []
-        self.partials: dict[str, dict[str, torch.Tensor]] = {}
+        self.calls: dict[str, int] = {}
+        self.partials: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -160,32 +164,35 @@ class Collector:
     def _hook(self, site: Site):
         def hook(module: nn.Module, inputs, output) -> None:
             x = output[0] if isinstance(output, tuple) else output
-            # Only the first micro batch counts; the pipeline's shape inference runs on meta.
-            if site.name in self.partials or x.device.type == "meta":
+            if x.device.type == "meta":  # shape inference on meta tensors: not a real pass
+                return
+            calls = self.calls[site.name] = self.calls.get(site.name, 0) + 1
+            if calls > KEPT_CALLS:
                 return
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 if site.kind == ATTN:
-                    self.partials[site.name] = self._attention(output[0], output[1])
+                    part = self._partial_attn(output[0], output[1])
                 elif site.kind == MLP:
-                    self._partial_mlp(site.name, output)
+                    part = self._partial_mlp(output)
                 else:
-                    self._partial_resid(site.name, output)
+                    part = self._partial_resid(output)
+            self.partials.setdefault(site.name, []).append(part)
 
         return hook
 
-    def _partial_resid(self, name: str, x_BTD: torch.Tensor) -> None:
+    def _partial_resid(self, x_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.mesh.tp_rank != 0:  # replicated over TP: tp_rank 0 measures it for all
-            self.partials[name] = {}
-            return
+            return {}
         B, T, D = x_BTD.shape
         x_NF = x_BTD.detach().reshape(B * T, D).float()
         mean_N = torch.sum(x_NF, dim=-1, dtype=torch.float64) / D
         max_N, median_N = stats.abs_max_and_median(x_NF)
         cos_B = stats.cosine_offdiag(x_BTD.detach())
-        self.partials[name] = self._width_partials(x_NF, mean_N, max_N, median_N)
-        self.partials[name].update(cos_sum=cos_B.sum(), cos_n=self._scalar(B, x_NF))
+        part = self._width_partials(x_NF, mean_N, max_N, median_N)
+        part.update(cos_sum=cos_B.sum(), cos_n=self._scalar(B, x_NF))
+        return part
 
-    def _partial_mlp(self, name: str, h_BTF: torch.Tensor) -> None:
+    def _partial_mlp(self, h_BTF: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.mesh
         x_NF = h_BTF.detach().reshape(-1, h_BTF.shape[-1]).float()
         width = x_NF.shape[-1] * m.tp
@@ -198,7 +205,11 @@ class Collector:
             max_N = a_NF.amax(dim=-1)
             dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=m.tp_group)
             median_N = distributed_kth(a_NF, stats.lower_median_rank(width), m.tp_group)
-        self.partials[name] = self._width_partials(x_NF, sum_N / width, max_N, median_N)
+        return self._width_partials(x_NF, sum_N / width, max_N, median_N)
+
+    def _partial_attn(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor) -> dict[str, torch.Tensor]:
+        ent_sum, ent_n = stats.attention_entropy(q_BHTK.detach(), k_BHTK.detach())
+        return {"ent_sum": ent_sum, "ent_n": ent_n}
 
     def _width_partials(
         self,
@@ -218,23 +229,28 @@ class Collector:
             "max_abs": max_N.max().double(),
         }
 
-    def _attention(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor) -> dict[str, torch.Tensor]:
-        ent_sum, ent_n = stats.attention_entropy(q_BHTK.detach(), k_BHTK.detach())
-        return {"ent_sum": ent_sum, "ent_n": ent_n}
-
     @staticmethod
     def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(float(value), dtype=torch.float64, device=like.device)
 
     # -- reductions ------------------------------------------------------------------------
 
-    def reduce(self) -> dict[str, float]:
-        """Reduce the captured partials over DP, TP and PP; every rank returns the same dict."""
+    def reduce(self, num_micro: int = 1) -> dict[str, float]:
+        """Reduce the partials of the first of this rank's `num_micro` micro batches over DP, TP
+        and PP; every rank returns the same dict."""
         m = self.mesh
-        missing = [s.name for s in self.hooked if s.name not in self.partials]
-        if missing:
-            raise RuntimeError(f"metric hooks did not fire for {missing}: no forward pass ran")
-        partials = [self.partials[s.name] for s in self.hooked]
+        partials = []
+        for site in self.hooked:
+            # A pipeline stage may run one extra, metadata-inference forward (on placeholder
+            # inputs) before the micro batches: the first micro batch is call `calls - num_micro`.
+            calls = self.calls.get(site.name, 0)
+            first = calls - num_micro
+            if not 0 <= first < len(self.partials.get(site.name, [])):
+                raise RuntimeError(
+                    f"site {site.name} saw {calls} forward passes for {num_micro} micro batches; "
+                    "metrics expect one per micro batch (plus at most one shape-inference pass)"
+                )
+            partials.append(self.partials[site.name][first])
         self._reduce_dp(partials)
         sums_SF = torch.zeros(len(self.sites), len(FIELDS), dtype=torch.float64, device=m.device)
         max_S = torch.zeros(len(self.sites), dtype=torch.float64, device=m.device)
