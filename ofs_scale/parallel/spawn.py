@@ -1,4 +1,4 @@
-"""The one multi-process test harness: `run_distributed(fn, world_size, *args)`.
+"""The one multi-process harness for tests and benchmarks: `run_distributed(fn, world_size, *args)`.
 
 Starts `world_size` spawned processes with torch.distributed initialised (gloo on CPU, nccl when
 `backend="nccl"`), a free port each time, runs `fn(rank, *args)` in each, and returns the list of
