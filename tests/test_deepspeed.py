@@ -1,0 +1,154 @@
+"""DeepSpeed ZeRO-1/2 engine: same losses as the native engine, exact resume, config checks.
+
+All multi-process checks share one `run_distributed` call per layout (spawning and building
+DeepSpeed's shared-memory extension dominate the cost). The extension is cached under
+~/.cache/ofs_scale/torch_extensions so only the first run on a machine compiles it (~1 min).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ofs_scale.callbacks import Callback, CheckpointCallback
+from ofs_scale.config import ConfigError, load_config
+from tests.conftest import tiny_overrides
+from tests.harness import run_distributed
+
+pytest.importorskip("deepspeed")
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/ofs_scale/torch_extensions").expanduser())
+)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+TEN_STEPS = (
+    "train.stages=[{name: warm, steps: 4, lr_schedule: warmup}, "
+    "{name: decay, steps: 6, lr_schedule: cosine}]"
+)
+FIRST_STAGE = "train.stages=[{name: warm, steps: 4, lr_schedule: warmup}]"
+
+
+class Records(Callback):
+    """Keeps every step record."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def post_step(self, trainer, step, record) -> None:
+        self.records.append(record)
+
+
+def _fit(overrides: list[str], *extra: str, checkpoints: bool = False):
+    from ofs_scale.train import Trainer
+
+    rec = Records()
+    trainer = Trainer(load_config(None, [*overrides, *extra]), callbacks=[rec])
+    if checkpoints:
+        trainer.callbacks.append(CheckpointCallback())
+    trainer.fit()
+    params = {n: p.detach().float().clone() for n, p in trainer.named_params}
+    return trainer, [r["loss"] for r in rec.records], params, rec.records
+
+
+def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
+    """Native vs ZeRO-1 vs ZeRO-2 over 10 fp32 steps, resume 4+6, bf16 and skip checks."""
+    ds = "train.engine=deepspeed"
+    res: dict = {}
+    _, res["native"], res["native_params"], _ = _fit(base, TEN_STEPS, f"run.out_dir={out}/n")
+    for stage in (1, 2):
+        t, res[f"zero{stage}"], res[f"zero{stage}_params"], recs = _fit(
+            base, TEN_STEPS, ds, f"train.zero_stage={stage}", f"run.out_dir={out}/z{stage}"
+        )
+        res[f"zero{stage}_norms"] = [r["grad_norm"] for r in recs]
+        res[f"zero{stage}_bytes"] = t.engine.optimizer_state_bytes()
+    # Exact resume: 4 steps, stage checkpoint, then a fresh trainer resumes and runs 6 more.
+    resumed = f"run.out_dir={out}/resumed"
+    _, first, _, _ = _fit(base, FIRST_STAGE, ds, "train.zero_stage=2", resumed, checkpoints=True)
+    t, second, res["resumed_params"], _ = _fit(
+        base, TEN_STEPS, ds, "train.zero_stage=2", resumed, checkpoints=True
+    )
+    res["resumed"], res["resumed_step"] = first + second, t.step
+    # bf16 (DeepSpeed's bf16 weights, fp32 master): close to the fp32 run, loosely.
+    _, res["zero2_bf16"], _, _ = _fit(
+        base, TEN_STEPS, ds, "train.dtype=bf16", f"run.out_dir={out}/zb"
+    )
+    # A NaN weight: DeepSpeed skips the update, the trainer counts bad steps and stops.
+    from ofs_scale.train import Trainer, TrainingStopped
+
+    cfg = load_config(None, [*base, ds, "train.max_bad_steps=2", f"run.out_dir={out}/nan"])
+    trainer = Trainer(cfg, callbacks=[])
+    with torch.no_grad():
+        trainer.params[0].fill_(float("nan"))
+    before = [p.detach().clone() for p in trainer.params[1:]]
+    with pytest.raises(TrainingStopped, match="2 non-finite steps"):
+        trainer.fit()
+    res["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, trainer.params[1:]))
+    return res
+
+
+def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
+    base = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run"), "train.grad_clip=0.5"]
+    ranks = run_distributed(_dp2_checks, 2, base, tmp_path, timeout=600)
+    r = ranks[0]
+    native = torch.tensor(r["native"])
+    assert native[-1] < native[0]
+    for stage in (1, 2):
+        torch.testing.assert_close(torch.tensor(r[f"zero{stage}"]), native, rtol=1e-5, atol=0)
+        for n, p in r["native_params"].items():
+            torch.testing.assert_close(r[f"zero{stage}_params"][n], p, rtol=1e-5, atol=1e-6)
+        for other in ranks[1:]:  # every DP rank holds the same weights after the all-gather
+            for n, p in r[f"zero{stage}_params"].items():
+                torch.testing.assert_close(other[f"zero{stage}_params"][n], p, rtol=0, atol=0)
+    # grad_clip=0.5 is below every norm, so every step above was clipped, by both engines
+    assert min(r["zero2_norms"]) > 0.5
+    torch.testing.assert_close(
+        torch.tensor(r["zero1_norms"]), torch.tensor(r["zero2_norms"]), rtol=1e-5, atol=0
+    )
+    assert r["resumed_step"] == 10 and len(r["resumed"]) == 10
+    torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(r["zero2"]), rtol=0, atol=0)
+    for n, p in r["zero2_params"].items():
+        torch.testing.assert_close(r["resumed_params"][n], p, rtol=0, atol=0, msg=n)
+    stage_dir = tmp_path / "resumed/checkpoints/stage_warm"
+    assert (stage_dir / "ofs_meta.json").is_file() and (stage_dir / ".metadata").is_file()
+    assert (stage_dir / "mp_rank_00_model_states.pt").is_file()
+    assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "stage_decay"
+    # ZeRO: each rank holds about half of the AdamW moments and master weights
+    full = sum(p.numel() for p in r["native_params"].values()) * 4
+    for stage in (1, 2):
+        b = r[f"zero{stage}_bytes"]
+        assert full <= 2 * b["master"] <= full + 4096
+    torch.testing.assert_close(torch.tensor(r["zero2_bf16"]), native, rtol=2e-2, atol=0)
+    assert r["nan_unchanged"]
+
+
+def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
+    """TP=2, DP=1: DeepSpeed's DP group must be our (size 1) DP group, not the world."""
+    tp = "parallel.tp=2"
+    _, native, _, _ = _fit(base, tp, f"run.out_dir={out}/n")
+    _, zero, _, _ = _fit(base, tp, "train.engine=deepspeed", f"run.out_dir={out}/z")
+    return {"native": native, "zero": zero}
+
+
+def test_deepspeed_tensor_parallel_matches_native(tiny_corpus, cache_dir, tmp_path):
+    base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run")
+    for r in run_distributed(_tp2_checks, 2, base, tmp_path, timeout=600):
+        torch.testing.assert_close(
+            torch.tensor(r["zero"]), torch.tensor(r["native"]), rtol=1e-5, atol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["parallel.pp=2"], "does not support parallel.pp=2"),
+        (["optim.name=soap"], "supports only optim.name=adamw"),
+        (["train.zero_stage=3"], "train.zero_stage=3 is not allowed"),
+    ],
+)
+def test_deepspeed_config_is_checked(extra, message, tiny_corpus, cache_dir, tmp_path):
+    base = tiny_overrides(tiny_corpus, cache_dir, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, "train.engine=deepspeed", *extra])
