@@ -93,7 +93,7 @@ def _single(rank, overrides, run_dir):
     from ofs_scale.config import load_config
     from ofs_scale.quant.__main__ import main as quant_main
     from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
-    from ofs_scale.quant.sim import QuantSpec
+    from ofs_scale.quant.spec import QuantSpec
     from ofs_scale.train import Trainer
 
     trainer = Trainer(load_config(None, overrides), callbacks=[CheckpointCallback()])
@@ -114,12 +114,15 @@ def _single(rank, overrides, run_dir):
     return out
 
 
-def _parallel(rank, run_dir, tp):
+def _parallel(rank, run_dir):
     from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
-    from ofs_scale.quant.sim import QuantSpec
+    from ofs_scale.quant.spec import QuantSpec
 
-    run = load_run(resolve(run_dir), tp=tp)
-    return {k: quant_eval(run, QuantSpec(**v), 2) for k, v in SPECS.items()}
+    out = {}
+    for tp in (2, 1):  # TP=2, then DP=2 (the mesh is rebuilt in the same processes)
+        run = load_run(resolve(run_dir), tp=tp)
+        out[tp] = {k: quant_eval(run, QuantSpec(**v), 2) for k, v in SPECS.items()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +167,13 @@ def test_per_channel_weights_not_worse_on_model(trained):
     assert abs(channel_w8 - fp) <= abs(tensor_w8 - fp) + 1e-4
 
 
-@pytest.mark.parametrize("tp", [2, 1])
-def test_tp2_and_dp2_equal_single_process(trained, tp):
+def test_tp2_and_dp2_equal_single_process(trained):
     run_dir, single = trained
-    results = run_distributed(_parallel, 2, run_dir, tp)
-    for rank_result in results:
-        for key in SPECS:
-            got, want = rank_result[key]["results"], single["specs"][key]["results"]
-            for setting in want:
-                assert got[setting]["val_loss"] == pytest.approx(
-                    want[setting]["val_loss"], rel=2e-4
-                ), (key, setting, tp)
+    for rank_result in run_distributed(_parallel, 2, run_dir):
+        for tp, by_spec in rank_result.items():
+            for key, want_result in single["specs"].items():
+                got, want = by_spec[key]["results"], want_result["results"]
+                for setting in want:
+                    assert got[setting]["val_loss"] == pytest.approx(
+                        want[setting]["val_loss"], rel=2e-4
+                    ), (key, setting, tp)

@@ -1,22 +1,8 @@
 """int8 post-training quantisation evaluation (simulated: quantise-dequantise in float).
 
 `python -m ofs_scale.quant RUN_DIR_OR_CKPT` measures fp / W8 / A8 / W8A8 validation perplexity;
-see docs/quantisation.md.
+see docs/quantisation.md. Modules: `fake` (int8 round trips), `spec` (QuantSpec), `sim` (hooks
+and weight swaps on a model, calibration), `evaluate` (load a run, measure), `table` (output),
+`hook` (the launcher's post-run hook). Nothing is imported here, so the light modules (`spec`,
+`table`, `hook`) load without torch or megatron-core.
 """
-
-from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
-from ofs_scale.quant.fake import fake_quant_asym, fake_quant_dynamic, fake_quant_weight
-from ofs_scale.quant.sim import QuantSpec, calibrate, fake_quantized, find_sites
-
-__all__ = [
-    "QuantSpec",
-    "calibrate",
-    "fake_quant_asym",
-    "fake_quant_dynamic",
-    "fake_quant_weight",
-    "fake_quantized",
-    "find_sites",
-    "load_run",
-    "quant_eval",
-    "resolve",
-]

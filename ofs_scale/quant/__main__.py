@@ -22,7 +22,7 @@ from ofs_scale.config import ConfigError
 from ofs_scale.data import DataError
 from ofs_scale.logs import console
 from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
-from ofs_scale.quant.sim import QuantSpec
+from ofs_scale.quant.spec import QuantSpec
 from ofs_scale.quant.table import kurtosis_summary, print_table, read_jsonl, write_outputs
 
 

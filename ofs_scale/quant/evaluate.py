@@ -21,7 +21,8 @@ from ofs_scale.data import BatchSampler, TokenSplit, collate, eval_micro_batches
 from ofs_scale.data import prepare_data as _prepare
 from ofs_scale.engine import build_engine
 from ofs_scale.parallel.mesh import Mesh, init_mesh
-from ofs_scale.quant.sim import QuantSpec, calibrate, fake_quantized
+from ofs_scale.quant.sim import calibrate, fake_quantized
+from ofs_scale.quant.spec import QuantSpec
 
 SETTINGS = {"fp": (False, False), "W8": (True, False), "A8": (False, True), "W8A8": (True, True)}
 

@@ -16,11 +16,9 @@ ranks so every layout quantises with the ranges of the single-process model).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -30,33 +28,12 @@ from torch import nn
 from ofs_scale.model import blocks
 from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
 from ofs_scale.quant.fake import fake_quant_asym, fake_quant_dynamic, fake_quant_weight
+from ofs_scale.quant.spec import QuantSpec
 
 Group = dist.ProcessGroup | None
 # transform(site name, activation, TP group its last dim is split over) -> replacement or None
 Transform = Callable[[str, torch.Tensor, Group], "torch.Tensor | None"]
 ATTN_PROBS = "attn_probs"
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """What to quantise and how."""
-
-    weights: Literal["none", "tensor", "channel"] = "tensor"
-    """Symmetric int8 weights per tensor or per output channel, or fp (`none`)."""
-    acts: Literal["none", "static", "dynamic"] = "static"
-    """Asymmetric int8 activations: calibrated per-tensor range, per-token range, or fp."""
-    scope: Literal["linear", "all"] = "linear"
-    """`linear`: linear-layer inputs; `all`: also residual sums and attention probabilities."""
-    head: bool = True
-    """Quantise the unembedding (the output projection to the vocabulary) too."""
-
-    def with_sides(self, weights: bool, acts: bool) -> QuantSpec:
-        """This spec with weight and/or activation quantisation switched off."""
-        return dataclasses.replace(
-            self,
-            weights=self.weights if weights else "none",
-            acts=self.acts if acts else "none",
-        )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ofs_scale.quant.sim import QuantSpec
+from ofs_scale.quant.spec import QuantSpec
 
 DEFAULT_SPEC = QuantSpec()
 
