@@ -118,6 +118,14 @@ def _import_deepspeed(mesh: Mesh):
     """Import DeepSpeed with its accelerator chosen to match our device (set before import)."""
     if mesh.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "LOCAL_RANK" not in os.environ:
+        if mesh.world_size > 1:
+            raise RuntimeError(
+                "train.engine=deepspeed needs LOCAL_RANK in the environment; start the run with "
+                "torchrun (or srun + torchrun, see slurm/) so every process has it"
+            )
+        # One process without a launcher: DeepSpeed still asserts that the variable exists.
+        os.environ["LOCAL_RANK"] = "0"
     try:
         import deepspeed
     except ImportError as e:

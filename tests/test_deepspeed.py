@@ -41,27 +41,42 @@ class Records(Callback):
         self.records.append(record)
 
 
-def _fit(overrides: list[str], *extra: str, checkpoints: bool = False):
+def _fit(overrides: list[str], *extra: str, checkpoints: bool = False, metrics: bool = False):
+    from ofs_scale.metrics.callback import MetricsCallback
     from ofs_scale.train import Trainer
 
     rec = Records()
     trainer = Trainer(load_config(None, [*overrides, *extra]), callbacks=[rec])
     if checkpoints:
         trainer.callbacks.append(CheckpointCallback())
+    if metrics:
+        trainer.callbacks.append(MetricsCallback(plots=False))
     trainer.fit()
     params = {n: p.detach().float().clone() for n, p in trainer.named_params}
     return trainer, [r["loss"] for r in rec.records], params, rec.records
 
 
 def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
-    """Native vs ZeRO-1 vs ZeRO-2 over 10 fp32 steps, resume 4+6, bf16 and skip checks."""
+    """Native vs ZeRO-1 vs ZeRO-2 over 10 fp32 steps (losses, weights, OF metrics), resume 4+6,
+    quantisation eval of a DeepSpeed checkpoint, bf16 and non-finite skip checks."""
     ds = "train.engine=deepspeed"
+    of = "metrics.every=5"
     res: dict = {}
-    _, res["native"], res["native_params"], _ = _fit(base, TEN_STEPS, f"run.out_dir={out}/n")
+    _, res["native"], res["native_params"], recs = _fit(
+        base, TEN_STEPS, of, f"run.out_dir={out}/n", metrics=True
+    )
+    res["native_of"] = [{k: v for k, v in r.items() if k.startswith("of/")} for r in recs]
     for stage in (1, 2):
         t, res[f"zero{stage}"], res[f"zero{stage}_params"], recs = _fit(
-            base, TEN_STEPS, ds, f"train.zero_stage={stage}", f"run.out_dir={out}/z{stage}"
+            base,
+            TEN_STEPS,
+            ds,
+            of,
+            f"train.zero_stage={stage}",
+            f"run.out_dir={out}/z{stage}",
+            metrics=True,
         )
+        res[f"zero{stage}_of"] = [{k: v for k, v in r.items() if k.startswith("of/")} for r in recs]
         res[f"zero{stage}_norms"] = [r["grad_norm"] for r in recs]
         res[f"zero{stage}_bytes"] = t.engine.optimizer_state_bytes()
     # Exact resume: 4 steps, stage checkpoint, then a fresh trainer resumes and runs 6 more.
@@ -71,14 +86,21 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
         base, TEN_STEPS, ds, "train.zero_stage=2", resumed, checkpoints=True
     )
     res["resumed"], res["resumed_step"] = first + second, t.step
+    # Quantisation eval rebuilds the native model from the DCP weights of the checkpoint.
+    from ofs_scale.quant.evaluate import load_run, resolve, val_loss
+
+    res["val_loss"] = t.last_eval["val_loss"]
+    res["quant_val_loss"] = val_loss(load_run(resolve(out / "resumed")), 1)
     # bf16 (DeepSpeed's bf16 weights, fp32 master): close to the fp32 run, loosely.
     _, res["zero2_bf16"], _, _ = _fit(
         base, TEN_STEPS, ds, "train.dtype=bf16", f"run.out_dir={out}/zb"
     )
-    # A NaN weight: DeepSpeed skips the update, the trainer counts bad steps and stops.
+    # A NaN weight in bf16: DeepSpeed skips the update, the trainer counts bad steps and stops
+    # with a checkpoint that a fresh trainer resumes from.
     from ofs_scale.train import Trainer, TrainingStopped
 
-    cfg = load_config(None, [*base, ds, "train.max_bad_steps=2", f"run.out_dir={out}/nan"])
+    nan = [*base, ds, "train.dtype=bf16", "train.max_bad_steps=2", f"run.out_dir={out}/nan"]
+    cfg = load_config(None, nan)
     trainer = Trainer(cfg, callbacks=[])
     with torch.no_grad():
         trainer.params[0].fill_(float("nan"))
@@ -86,6 +108,7 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
     with pytest.raises(TrainingStopped, match="2 non-finite steps"):
         trainer.fit()
     res["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, trainer.params[1:]))
+    res["nan_resumed"] = Trainer(cfg, callbacks=[]).resume()
     return res
 
 
@@ -121,7 +144,15 @@ def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
         b = r[f"zero{stage}_bytes"]
         assert full <= 2 * b["master"] <= full + 4096
     torch.testing.assert_close(torch.tensor(r["zero2_bf16"]), native, rtol=2e-2, atol=0)
-    assert r["nan_unchanged"]
+    assert r["nan_unchanged"] and r["nan_resumed"] == tmp_path / "nan/checkpoints/step_000002"
+    # the OF metrics see the same activations through trainer.engine.chunks
+    assert r["native_of"][4] and r["native_of"][9]
+    for stage in (1, 2):
+        for mine, ref in zip(r[f"zero{stage}_of"], r["native_of"]):
+            assert mine.keys() == ref.keys()
+            for k in ref:
+                assert mine[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
+    assert r["quant_val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
 
 
 def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
