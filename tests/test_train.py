@@ -170,3 +170,29 @@ def test_cli_writes_metrics_and_summary(tiny_corpus, cache_dir, tmp_path, capsys
     assert any((tmp_path / "wandb").iterdir())
     assert main([*over, "model.n_head=2"]) == 2
     assert "did you mean model.n_heads" in capsys.readouterr().out
+
+
+def _losses_and_ckpts(rank, overrides):
+    cfg = load_config(None, overrides)
+    rec = Losses()
+    trainer = Trainer(cfg, callbacks=[rec, CheckpointCallback()])
+    trainer.fit()
+    names = sorted(p.name for p in trainer.ckpt.root.iterdir())
+    return rec.losses, names
+
+
+def test_bf16_autocast_tracks_fp32_and_keep_prunes(tiny_corpus, cache_dir, tmp_path):
+    over = [
+        *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
+        "train.stages=[{name: a, steps: 3}, {name: b, steps: 3}]",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+    ]
+    ((fp32, names),) = run_distributed(_losses_and_ckpts, 1, [*over, f"run.out_dir={tmp_path}/f"])
+    ((bf16, _),) = run_distributed(
+        _losses_and_ckpts, 1, [*over, "train.dtype=bf16", f"run.out_dir={tmp_path}/b"]
+    )
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=3e-2, atol=0)
+    assert bf16 != fp32  # autocast really ran in bf16
+    # stage checkpoints are kept forever, periodic ones only the newest `keep`
+    assert names == ["latest", "stage_a", "stage_b", "step_000004", "step_000005"]

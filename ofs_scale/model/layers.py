@@ -54,6 +54,22 @@ def _mark_split(p: torch.Tensor | None, dim: int) -> None:
         set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
+def _cpu_autocast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def _call_in_autocast_dtype(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Megatron-core's linear autograd functions restore autocast only for CUDA in backward, so
+    under CPU autocast they would meet bf16 gradients and fp32 weights. Run the layer with its
+    input and parameters cast to the autocast dtype instead (the casts are differentiable, so
+    fp32 master weights still receive fp32 gradients)."""
+    dtype = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        params = {n: p.to(dtype) for n, p in module.named_parameters(recurse=False)}
+        kwargs = {k: v.to(dtype) for k, v in kwargs.items() if v is not None}
+        return torch.func.functional_call(module, params, (x.to(dtype),), kwargs)
+
+
 class ColumnLinear(ColumnParallelLinear):
     """Output features split over TP; returns the tensor alone."""
 
@@ -62,6 +78,8 @@ class ColumnLinear(ColumnParallelLinear):
         _mark_split(self.weight, 0)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if _cpu_autocast(x):
+            return _call_in_autocast_dtype(self, x, weight=weight)
         return super().forward(x, weight=weight)[0]
 
 
@@ -73,6 +91,8 @@ class RowLinear(RowParallelLinear):
         _mark_split(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_autocast(x):
+            return _call_in_autocast_dtype(self, x)
         return super().forward(x)[0]
 
 
