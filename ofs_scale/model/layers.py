@@ -118,8 +118,11 @@ class ParallelLayers:
             params_dtype=params_dtype,
         )
 
-    def column(self, d_in: int, d_out: int, bias: bool, std: float) -> ColumnLinear:
-        """y = x W^T with W's rows (outputs) split over TP; input replicated."""
+    def column(
+        self, d_in: int, d_out: int, bias: bool, std: float, tied: bool = False
+    ) -> ColumnLinear:
+        """y = x W^T with W's rows (outputs) split over TP; input replicated. With `tied` the
+        layer owns no weight and is called with another layer's."""
         return ColumnLinear(
             d_in,
             d_out,
@@ -127,6 +130,7 @@ class ParallelLayers:
             init_method=normal_init(std),
             bias=bias,
             gather_output=False,
+            skip_weight_param_allocation=tied,
             tp_group=self.tp_group,
         )
 
@@ -152,18 +156,9 @@ class ParallelLayers:
         return emb
 
     def head(self, d_in: int, vocab: int, std: float, tied: bool) -> ColumnLinear:
-        """Unembedding producing vocab-parallel logits; with `tied` it owns no weight and is
-        called with the embedding's weight."""
-        return ColumnLinear(
-            d_in,
-            vocab,
-            config=self.config,
-            init_method=normal_init(std),
-            bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=tied,
-            tp_group=self.tp_group,
-        )
+        """Unembedding producing vocab-parallel logits (tied: called with the embedding's
+        weight)."""
+        return self.column(d_in, vocab, False, std, tied)
 
     def replicated(self, t: torch.Tensor) -> torch.Tensor:
         """Identity forward; gradient summed over TP in backward. For a replicated parameter used
