@@ -182,8 +182,42 @@ class SlurmCluster:
                 parts.append(f"--- {name}.log\n" + "\n".join(f.read_text().splitlines()[-25:]))
         return "\n".join(parts)
 
+    def cancel_all(self, timeout_s: float = 60.0) -> None:
+        """Cancel every job and wait until none is running or completing."""
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=30)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["squeue", "-h", "-t", "RUNNING,COMPLETING,CONFIGURING", "-o", "%i"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if out.returncode != 0 or not out.stdout.strip():
+                return
+            time.sleep(0.5)
+
+    def _own_processes(self) -> list[int]:
+        """Processes (job steps and their tasks) started by this cluster: SLURM_CONF is ours."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                pids.append(int(entry.name))
+        return pids
+
     def stop(self) -> None:
-        """Kill the daemons started from this directory (by pid file) and restore the env."""
+        """Cancel jobs, kill the daemons started from this directory (by pid file) and any
+        leftover step of this cluster, and restore the environment."""
+        if self._saved_env:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                self.cancel_all()
         for name in reversed(DAEMONS):
             pidfile = self.pidfile(name)
             if not pidfile.is_file():
@@ -203,6 +237,9 @@ class SlurmCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self._restore()
+        for pid in self._own_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def squeue_state(self, job_id: str) -> str:
         """The job's state (e.g. PENDING, RUNNING, COMPLETED), or '' when unknown."""

@@ -1,0 +1,235 @@
+"""Per-GPU memory and step-time plan of a config on N GPUs, without allocating the model.
+
+Parameter shapes come from the model built on the meta device at TP=1, cut by TP the way the
+megatron-core layers cut them (vocabulary padded per TP size) and assigned to pipeline stages like
+`parallel/plan.py`. From those shapes:
+
+* parameters and gradients: fp32 (weights stay fp32 under bf16 autocast);
+* optimizer state, fp32, per TP shard of shape m x n (`matrix_shape`: rows x the rest):
+  AdamW 2mn; SOAP 2mn + L m^2 + QL m^2 + R n^2 + QR n^2 (a side longer than max_precond_dim gets
+  neither factor nor basis); Shampoo 2mn + per block of at most max_precond_dim rows/columns
+  (bm x bn) L, R and their roots: 2 bm^2 + 2 bn^2; plus a 4-byte step counter per tensor.
+  With ZeRO-1 (`optim.shard`, default on for DP > 1) each DP rank keeps only the tensors it owns,
+  assigned by the same cost-balanced rule as `ShardedOptimizer`; the plan reports the fullest rank;
+* activations per micro batch and layer, counted as the tensors autograd keeps (see
+  `layer_activation_bytes`), times the micro batches a 1F1B stage holds in flight; with activation
+  checkpointing only each layer's input is kept plus one layer's full set during recompute;
+* FLOPs per token 6 N_matmul + 12 L T d (attention scores), and step time at a given MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ofs_scale.config import Config, OptimConfig
+
+GIB = 1024**3
+F32 = 4
+
+
+@dataclass
+class Plan:
+    """Bytes per GPU (the fullest pipeline stage and DP rank) and compute figures."""
+
+    gpus: int
+    tp: int
+    pp: int
+    dp: int
+    params: int
+    """Parameters on the fullest GPU (numel)."""
+    param_bytes: int
+    grad_bytes: int
+    optim_bytes: int
+    act_bytes: int
+    """Activations without activation checkpointing."""
+    act_ckpt_bytes: int
+    """Activations with full activation checkpointing of every block."""
+    total_params: int
+    flops_per_token: float
+    tokens_per_step: int
+    step_time_s: float
+    mfu: float
+    per_stage: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def static_bytes(self) -> int:
+        """Parameters + gradients + optimizer state."""
+        return self.param_bytes + self.grad_bytes + self.optim_bytes
+
+    def total(self, checkpointing: bool) -> int:
+        return self.static_bytes + (self.act_ckpt_bytes if checkpointing else self.act_bytes)
+
+
+def stage_param_shapes(cfg: Config, vocab_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """(name, shape on one TP rank) of every parameter, per pipeline stage."""
+    import torch.distributed as dist
+
+    from ofs_scale.model import meta_model
+    from ofs_scale.model.layers import is_tp_sharded, padded_vocab_size, tp_partition_dim
+    from ofs_scale.parallel.mesh import init_mesh
+    from ofs_scale.parallel.plan import layer_chunks
+
+    if not dist.is_initialized():
+        init_mesh(1, 1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("the memory planner runs in a single process (python tools/plan.py)")
+    p = cfg.parallel
+    model = meta_model(cfg, vocab_size, dist.group.WORLD)
+    owner = {}
+    for c, ids in enumerate(layer_chunks(cfg.model.n_layers, p.pp * p.virtual_stages)):
+        for i in ids:
+            owner[i] = c % p.pp
+    stages: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(p.pp)]
+    vocab_tp = padded_vocab_size(vocab_size, p.tp)
+    for name, t in model.named_parameters():
+        if name.startswith("layers."):
+            stage = owner[int(name.split(".")[1])]
+        elif name.startswith(("head", "final_norm")):
+            stage = p.pp - 1
+        else:
+            stage = 0
+        shape = list(t.shape)
+        if is_tp_sharded(t):
+            dim = tp_partition_dim(t)
+            if shape[dim] == model.vocab_size:
+                shape[dim] = vocab_tp // p.tp
+            else:
+                shape[dim] //= p.tp
+        stages[stage].append((name, tuple(shape)))
+    return stages
+
+
+def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig) -> int:
+    """fp32 elements of optimizer state for one tensor of `shape` (step counter included)."""
+    numel = math.prod(shape)
+    if cfg.name == "adamw" or len(shape) < 2:
+        return 2 * numel + 1
+    m, n = shape[0], numel // shape[0]
+    total = 2 * numel + 1
+    if cfg.name == "soap":
+        total += sum(2 * d * d for d in (m, n) if d <= cfg.max_precond_dim)
+    else:  # shampoo: L, R and their inverse roots per block
+        k = cfg.max_precond_dim
+        for a in range(0, m, k):
+            for b in range(0, n, k):
+                bm, bn = min(k, m - a), min(k, n - b)
+                total += 2 * bm * bm + 2 * bn * bn
+    return total
+
+
+def optimizer_cost_fn(name: str):
+    """The cost function `ShardedOptimizer` balances ownership by, for `optim.name`."""
+    from ofs_scale.optim import OPTIMIZERS
+    from ofs_scale.optim.sharded import numel_cost
+
+    cls = OPTIMIZERS[name]
+    return getattr(cls, "cost", None) if name != "adamw" else numel_cost
+
+
+def sharded_state_numel(
+    shapes: list[tuple[str, tuple[int, ...]]], cfg: OptimConfig, dp: int
+) -> int:
+    """Optimizer-state elements of the fullest DP rank under whole-tensor ownership."""
+    from ofs_scale.optim.sharded import assign_owners
+
+    named = [(n, torch.empty(s, device="meta")) for n, s in shapes]
+    owners = assign_owners(named, optimizer_cost_fn(cfg.name), cfg, dp)
+    per_rank = [0] * dp
+    for n, s in shapes:
+        per_rank[owners[n]] += optimizer_state_numel(s, cfg)
+    return max(per_rank)
+
+
+def layer_activation_bytes(cfg: Config, tokens: int) -> int:
+    """Bytes autograd keeps for one block's backward on one TP rank, for `tokens` tokens.
+
+    Replicated over TP (fp32 residual stream, bf16 copies feeding the column layers): the two
+    norm inputs (pre/post blocks) and the inputs of qkv and MLP-up. Split over TP: qkv output,
+    normed and rotated q and k, the attention output (SDPA keeps out + logsumexp), the MLP
+    hidden before and after the activation (and the gate for SwiGLU)."""
+    from ofs_scale.model.gpt import resolved
+
+    m, tp = cfg.model, cfg.parallel.tp
+    half = 2 if cfg.train.dtype == "bf16" else F32
+    d, f = m.d_model, int(m.ffn_mult * m.d_model)
+    norms = 0 if m.block == "op" else 2 * d * F32
+    replicated = norms + 2 * d * half
+    gate = f if resolved(m)["activation"] == "swiglu" else 0
+    qk = 2 * d if resolved(m)["qk_norm"] else 0
+    split = (3 * d + qk + 2 * d + 2 * d + 2 * f + gate) * half
+    return tokens * (replicated + split // tp)
+
+
+def in_flight_micro_batches(cfg: Config, dp: int) -> int:
+    """Micro batches whose activations the first pipeline stage holds at once (1F1B: pp)."""
+    t, p = cfg.train, cfg.parallel
+    n_micro = t.global_batch // (t.micro_batch * dp)
+    if p.pp == 1:
+        return 1
+    if p.schedule == "gpipe":
+        return n_micro
+    return min(n_micro, p.pp * (2 if p.virtual_stages > 1 else 1))
+
+
+def flops_per_token(cfg: Config, total_params: int, embed_params: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + 12 L T d for attention scores."""
+    m = cfg.model
+    return 6.0 * (total_params - embed_params) + 12.0 * m.n_layers * cfg.data.seq_len * m.d_model
+
+
+def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+    """The plan of `cfg` on `gpus` GPUs (ValueError when the layout cannot be formed)."""
+    from ofs_scale.config import check_world
+    from ofs_scale.model import analytic_param_count, padded_vocab_size
+
+    p = cfg.parallel
+    dp = check_world(cfg, gpus)
+    vocab = cfg.data.vocab_size
+    stages = stage_param_shapes(cfg, vocab)
+    shard = dp > 1 if cfg.optim.shard is None else cfg.optim.shard
+    tokens_micro = cfg.train.micro_batch * cfg.data.seq_len
+    layer_act = layer_activation_bytes(cfg, tokens_micro)
+    n_flight = in_flight_micro_batches(cfg, dp)
+    layers_per_stage = math.ceil(cfg.model.n_layers / p.pp)
+    logits = tokens_micro * padded_vocab_size(vocab, p.tp) // p.tp * F32 * 2
+    rows = []
+    for s, shapes in enumerate(stages):
+        numel = sum(math.prod(sh) for _, sh in shapes)
+        if shard and dp > 1:
+            optim = sharded_state_numel(shapes, cfg.optim, dp)
+        else:
+            optim = sum(optimizer_state_numel(sh, cfg.optim) for _, sh in shapes)
+        head = logits if s == p.pp - 1 else 0
+        act = n_flight * layers_per_stage * layer_act + head
+        ckpt_input = tokens_micro * cfg.model.d_model * F32
+        act_ckpt = n_flight * layers_per_stage * ckpt_input + layer_act + head
+        rows.append(
+            {"params": numel, "optim": optim * F32, "act": act, "act_ckpt": act_ckpt, "stage": s}
+        )
+    worst = max(rows, key=lambda r: r["params"] * 2 * F32 + r["optim"] + r["act"])
+    total_params = analytic_param_count(cfg, vocab)
+    embed = padded_vocab_size(vocab, 1) * cfg.model.d_model
+    fpt = flops_per_token(cfg, total_params, embed)
+    tokens_step = cfg.train.global_batch * cfg.data.seq_len
+    step_time = fpt * tokens_step / (gpus * peak_tflops * 1e12 * mfu)
+    return Plan(
+        gpus=gpus,
+        tp=p.tp,
+        pp=p.pp,
+        dp=dp,
+        params=worst["params"],
+        param_bytes=worst["params"] * F32,
+        grad_bytes=worst["params"] * F32,
+        optim_bytes=worst["optim"],
+        act_bytes=worst["act"],
+        act_ckpt_bytes=worst["act_ckpt"],
+        total_params=total_params,
+        flops_per_token=fpt,
+        tokens_per_step=tokens_step,
+        step_time_s=step_time,
+        mfu=mfu,
+        per_stage=rows,
+    )

@@ -1,0 +1,121 @@
+"""Memory planner: predicted parameter and optimizer-state bytes match allocated tensors (AdamW,
+SOAP, Shampoo; TP=2 shards and ZeRO-1 over DP=2), and tools/plan.py refuses what cannot fit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from ofs_scale.config import load_config
+from ofs_scale.plan_memory import optimizer_state_numel, plan
+from tests.conftest import tiny_overrides
+from tests.harness import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+# max_precond_dim 48: the 128-wide MLP sides and the 512-row vocab get no SOAP factor and
+# several Shampoo blocks, the 32- and 96-wide sides get one.
+PLAN_OVERRIDES = ["optim.max_precond_dim=48", "model.block=op"]
+
+
+def _cfg(out: Path, *extra: str):
+    overrides = tiny_overrides(Path("unused"), Path("unused"), out)
+    return load_config(None, [*overrides, *PLAN_OVERRIDES, *extra])
+
+
+def _allocated(rank: int, out: str, layouts: list[tuple[int, list[str]]]) -> list[dict]:
+    """Per layout: this rank's parameter count and optimizer-state bytes, really allocated."""
+    from ofs_scale.model import build_model
+    from ofs_scale.optim import build_optimizer
+    from ofs_scale.optim.sharded import state_bytes
+    from ofs_scale.parallel.mesh import init_mesh
+
+    results = []
+    for tp, extra in layouts:
+        cfg = _cfg(Path(out), f"parallel.tp={tp}", *extra)
+        mesh = init_mesh(tp, 1)
+        model = build_model(cfg, mesh, cfg.data.vocab_size)
+        named = list(model.named_parameters())
+        opt = build_optimizer(named, cfg.optim, mesh)
+        numel = sum(p.numel() for _, p in named)
+        results.append({"params": numel, "optim": state_bytes(opt)})
+    return results
+
+
+LAYOUTS = [
+    (2, ["optim.name=adamw"]),
+    (2, ["optim.name=soap"]),
+    (2, ["optim.name=shampoo"]),
+    (1, ["optim.name=soap", "optim.shard=true"]),
+    (1, ["optim.name=adamw", "optim.shard=true"]),
+]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The planner's own single-process group, torn down after this module."""
+    yield
+    from ofs_scale.parallel.mesh import destroy_mesh
+
+    destroy_mesh()
+
+
+def test_predictions_match_allocated_tensors(tmp_path, single_process):
+    # one rank alone: the whole model, unsharded state
+    names = ("adamw", "soap", "shampoo")
+    (single,) = run_distributed(
+        _allocated, 1, str(tmp_path), [(1, [f"optim.name={n}"]) for n in names]
+    )
+    alone = list(zip(names, single))
+    # two ranks: TP=2 shards for every optimizer, then DP=2 with ZeRO-1 ownership
+    both = run_distributed(_allocated, 2, str(tmp_path), LAYOUTS)
+    for name, got in alone:
+        p = plan(_cfg(tmp_path, f"optim.name={name}"), gpus=1)
+        assert p.params == got["params"]
+        assert p.optim_bytes == pytest.approx(got["optim"], rel=0.05), name
+    for i, (tp, extra) in enumerate(LAYOUTS):
+        p = plan(_cfg(tmp_path, f"parallel.tp={tp}", *extra), gpus=2)
+        params = max(r[i]["params"] for r in both)
+        optim = max(r[i]["optim"] for r in both)
+        assert p.params == params, extra
+        assert p.param_bytes == p.grad_bytes == 4 * params
+        assert p.optim_bytes == pytest.approx(optim, rel=0.05), (tp, extra)
+    # sharding really divides the state: the fullest DP rank holds well under the whole
+    whole = plan(_cfg(tmp_path, "optim.name=soap", "optim.shard=false"), gpus=2).optim_bytes
+    sharded = plan(_cfg(tmp_path, "optim.name=soap", "optim.shard=true"), gpus=2).optim_bytes
+    assert sharded < 0.75 * whole
+
+
+def test_soap_state_formula_by_hand():
+    cfg = load_config(None, ["optim.name=soap", "optim.max_precond_dim=100"])
+    m, n = 64, 200  # n > max_precond_dim: no R factor and no R basis
+    assert optimizer_state_numel((m, n), cfg.optim) == 2 * m * n + 2 * m * m + 1
+    shampoo = load_config(None, ["optim.name=shampoo", "optim.max_precond_dim=100"]).optim
+    # blocks: rows [0,64) x cols [0,100), [100,200): each 2*64^2 + 2*100^2
+    assert optimizer_state_numel((m, n), shampoo) == 2 * m * n + 2 * (2 * 64**2 + 2 * 100**2) + 1
+    adamw = load_config(None, ["optim.name=adamw"]).optim
+    assert optimizer_state_numel((m, n), adamw) == 2 * m * n + 1
+
+
+def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools/plan.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    op7b = str(ROOT / "configs/op7b.yaml")
+    assert tool.main([op7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
+    out = capsys.readouterr().out
+    assert "optimizer state" in out and "FLOPs per token" in out
+    p = plan(load_config(op7b), gpus=64)
+    assert 6.5e9 < p.total_params < 7.0e9
+    assert p.tp * p.pp * p.dp == 64 and p.total(True) < p.total(False) < 80 * 2**30
+    # 6 N FLOPs per token dominate; the step time follows from the MFU
+    assert p.flops_per_token == pytest.approx(6 * p.total_params, rel=0.1)
+    assert math.isclose(p.step_time_s * 64 * 989e12 * 0.4, p.flops_per_token * 512 * 2048)
+    assert tool.main([op7b, "--gpus", "8", "--gpu-mem", "24"]) == tool.DOES_NOT_FIT
+    assert "does not fit" in capsys.readouterr().out
+    # 48 GPUs: dp=6 does not divide the global batch of 512
+    assert tool.main([op7b, "--gpus", "48"]) == 2
+    assert "global_batch" in capsys.readouterr().out

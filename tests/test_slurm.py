@@ -1,0 +1,158 @@
+"""Against a real one-node SLURM: sbatch slurm/smoke.sh, USR1 requeue with exact resume, and a
+submitit job that is preempted (USR2), requeues itself and returns its result.
+
+Skips (with the reason) where SLURM cannot be started; set OFS_REQUIRE_SLURM=1 (CI) to turn the
+skip into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ofs_scale.config import load_config
+from ofs_scale.data import prepare_data
+from tests.conftest import tiny_overrides
+from tests.slurm_cluster import SlurmCluster, skip_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_STAGES = "train.stages=[{name: a, steps: 5, lr_schedule: constant}, {name: b, steps: 300}]"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        if os.environ.get("OFS_REQUIRE_SLURM") == "1":
+            pytest.fail(f"OFS_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _overrides(tiny_corpus: Path, cache_dir: Path, out: Path) -> list[str]:
+    return [*tiny_overrides(tiny_corpus, cache_dir, out), TWO_STAGES, "train.eval_every=0"]
+
+
+def _prepare(overrides: list[str]) -> None:
+    # Tokenize once here: two jobs building the same cache at the same time would race.
+    d = load_config(None, overrides).data
+    prepare_data(d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, 0, False)
+
+
+def _sbatch(out: Path, log: Path, overrides: list[str]) -> str:
+    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=str(ROOT / ".venv/bin/python"))
+    cmd = ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1"]
+    res = subprocess.run(
+        [*cmd, str(ROOT / "slurm/smoke.sh"), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().split(";")[0]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _wait_records(run_dir: Path, n: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(_records(run_dir)) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{run_dir}: fewer than {n} metrics records after {timeout_s}s")
+
+
+def _release_requeued(cluster: SlurmCluster, job: str, timeout_s: float = 120.0) -> None:
+    """Wait until the requeued job is PENDING again, then lift SLURM's ~2 min BeginTime hold."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cluster.squeue_state(job) == "PENDING":
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30
+            )
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job} was not requeued; state {cluster.squeue_state(job)!r}")
+
+
+def _final(records: list[dict]) -> tuple[dict, dict]:
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    return train[-1], evals[-1]
+
+
+def test_sbatch_smoke_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, cache_dir, tmp_path):
+    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
+    _prepare(_overrides(tiny_corpus, cache_dir, ref_dir))
+    ref_job = _sbatch(ref_dir, tmp_path / "ref.log", _overrides(tiny_corpus, cache_dir, ref_dir))
+    cut_job = _sbatch(cut_dir, tmp_path / "cut.log", _overrides(tiny_corpus, cache_dir, cut_dir))
+
+    # Signal the second job the way `--signal=USR1@60` does: every process of its job steps.
+    _wait_records(cut_dir, 20)
+    subprocess.run(["scancel", "--signal=USR1", cut_job], check=True, timeout=30)
+    _release_requeued(slurm, cut_job)
+
+    assert slurm.wait_job(ref_job) == "COMPLETED", (tmp_path / "ref.log").read_text()
+    assert slurm.wait_job(cut_job) == "COMPLETED", (tmp_path / "cut.log").read_text()
+
+    # sbatch smoke.sh ran to completion and kept both stage checkpoints
+    for name in ("stage_a", "stage_b"):
+        assert (ref_dir / "checkpoints" / name / "ofs_meta.json").is_file()
+    ref_train, ref_eval = _final(_records(ref_dir))
+    assert ref_train["step"] == 305
+
+    # the signalled job checkpointed mid-run, was requeued, resumed and ended like the reference
+    log = " ".join((tmp_path / "cut.log").read_text().split())  # undo console line wrapping
+    stopped = re.search(r"checkpoint written at step (\d+)", log)
+    assert stopped and 20 <= int(stopped.group(1)) < 305, log
+    assert f"resumed from {cut_dir}/checkpoints/step_{int(stopped.group(1)):06d}" in log, log
+    assert "restart 1" in log
+    cut_train, cut_eval = _final(_records(cut_dir))
+    assert cut_train["step"] == 305
+    torch.testing.assert_close(cut_train["loss"], ref_train["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(cut_eval["val_loss"], ref_eval["val_loss"], rtol=1e-5, atol=0)
+
+
+def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, cache_dir, tmp_path):
+    from ofs_scale.launch.submit import submit_run
+
+    out = tmp_path / "submitit_run"
+    overrides = [
+        *_overrides(tiny_corpus, cache_dir, out),
+        "launch.tasks_per_node=2",
+        "launch.cpus_per_task=1",
+        "launch.time_min=30",
+    ]
+    _prepare(overrides)
+    (job,) = submit_run(load_config(ROOT / "configs/smoke.yaml", overrides))
+    _wait_records(out, 20)
+    # submitit's preemption/timeout signal goes to the tasks of its srun step
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=30)
+    _release_requeued(slurm, str(job.job_id))
+    assert slurm.wait_job(str(job.job_id)) == "COMPLETED"
+    result = job.result()
+    assert result["run_dir"] == str(out) and result["step"] == 305
+    logs = " ".join(" ".join(p.read_text().split()) for p in (out / "submitit").glob("*_log.out"))
+    assert "resumed from" in logs and "Requeued job" in logs, logs
+    assert (out / "checkpoints/stage_b/ofs_meta.json").is_file()
+    launch = json.loads((out / "launch.json").read_text())
+    assert launch["submissions"][-1]["jobs"][0]["job_id"] == str(job.job_id)

@@ -1,0 +1,95 @@
+"""Memory and step-time plan of a config on N GPUs; refuses a layout that does not fit.
+
+    python tools/plan.py configs/op7b.yaml --gpus 64 --gpu-mem 80 [--mfu 0.4] [overrides ...]
+
+Prints per-GPU bytes for parameters, gradients, optimizer state (SOAP/Shampoo factors and bases
+included, ZeRO-1 sharding applied), activations with and without activation checkpointing, FLOPs
+per token and the step time at the given MFU. Exit status 0: fits without checkpointing;
+3: fits only with activation checkpointing; 4: does not fit (with what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from rich.console import Console
+from rich.table import Table
+
+from ofs_scale.config import ConfigError, load_config
+from ofs_scale.plan_memory import GIB, Plan, plan
+
+console = Console()
+FITS, NEEDS_CHECKPOINTING, DOES_NOT_FIT = 0, 3, 4
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def report(p: Plan, gpu_mem_gib: float, reserve_gib: float) -> int:
+    """Print the plan table and verdict; return the exit status."""
+    table = Table(title=f"{p.gpus} GPUs: tp={p.tp} pp={p.pp} dp={p.dp} (fullest GPU)")
+    table.add_column("item")
+    table.add_column("per GPU", justify="right")
+    rows = [
+        ("parameters (fp32)", _gib(p.param_bytes)),
+        ("gradients (fp32)", _gib(p.grad_bytes)),
+        ("optimizer state (fp32)", _gib(p.optim_bytes)),
+        ("activations, no checkpointing", _gib(p.act_bytes)),
+        ("activations, full checkpointing", _gib(p.act_ckpt_bytes)),
+        ("reserve (CUDA context, allocator)", _gib(reserve_gib * GIB)),
+        ("total, no checkpointing", _gib(p.total(False) + reserve_gib * GIB)),
+        ("total, checkpointing", _gib(p.total(True) + reserve_gib * GIB)),
+        ("GPU memory", _gib(gpu_mem_gib * GIB)),
+    ]
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"parameters: {p.total_params:,} total, {p.params:,} on the fullest GPU")
+    console.print(f"FLOPs per token: {p.flops_per_token:.3e}")
+    console.print(
+        f"step: {p.tokens_per_step:,} tokens, {p.step_time_s:.2f} s at MFU {p.mfu:.0%} "
+        f"({p.tokens_per_step / p.step_time_s:,.0f} tokens/s)"
+    )
+    budget = (gpu_mem_gib - reserve_gib) * GIB
+    if p.total(False) <= budget:
+        console.print("[green]fits[/green] without activation checkpointing")
+        return FITS
+    if p.total(True) <= budget:
+        console.print("[yellow]fits only with activation checkpointing[/yellow]")
+        return NEEDS_CHECKPOINTING
+    console.print(
+        f"[red]does not fit[/red]: {_gib(p.total(True))} needed with checkpointing, "
+        f"{_gib(budget)} available; raise parallel.tp or parallel.pp, keep optim.shard on with "
+        "DP > 1, lower train.micro_batch or optim.max_precond_dim, or use more GPUs"
+    )
+    return DOES_NOT_FIT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status described in the module docstring."""
+    parser = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--gpus", type=int, required=True, help="total GPUs")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
+    parser.add_argument("--reserve", type=float, default=4.0, help="GiB kept free per GPU")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu {args.mfu} must be in (0, 1]")
+        p = plan(cfg, args.gpus, args.mfu, args.peak_tflops)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    return report(p, args.gpu_mem, args.reserve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
