@@ -113,7 +113,9 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
 
 
 def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
-    base = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run"), "train.grad_clip=0.5"]
+    # 2 micro batches per rank (DeepSpeed's gradient accumulation), clipping on every step
+    over = ["train.micro_batch=2", "train.grad_clip=0.5"]
+    base = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run"), *over]
     ranks = run_distributed(_dp2_checks, 2, base, tmp_path, timeout=600)
     r = ranks[0]
     native = torch.tensor(r["native"])
