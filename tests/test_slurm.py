@@ -133,7 +133,7 @@ def test_sbatch_smoke_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, cac
 
 
 def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, cache_dir, tmp_path):
-    from ofs_scale.launch.submit import submit_run
+    from ofs_scale.launch.submit import job_result, submit_run
 
     out = tmp_path / "submitit_run"
     overrides = [
@@ -149,7 +149,7 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=30)
     _release_requeued(slurm, str(job.job_id))
     assert slurm.wait_job(str(job.job_id)) == "COMPLETED"
-    result = job.result()
+    result = job_result(job)
     assert result["run_dir"] == str(out) and result["step"] == 305
     logs = " ".join(" ".join(p.read_text().split()) for p in (out / "submitit").glob("*_log.out"))
     assert "resumed from" in logs and "Requeued job" in logs, logs

@@ -60,8 +60,10 @@ def _submit(args: argparse.Namespace) -> None:
     for job in jobs:
         console.print(f"job {job.job_id}")
     if args.wait:
+        from ofs_scale.launch.submit import job_result
+
         for job in jobs:
-            console.print(job.result())
+            console.print(job_result(job))
 
 
 def main(argv: list[str] | None = None) -> int:

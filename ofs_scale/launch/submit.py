@@ -54,6 +54,11 @@ def make_executor(cfg: Config, folder: Path, local: bool) -> submitit.AutoExecut
     return executor
 
 
+def job_result(job: submitit.Job) -> Any:
+    """The result of rank 0 of a job (blocks until it ends; raises if the job failed)."""
+    return job.results()[0]
+
+
 def write_snapshot(cfg: Config) -> Path:
     """Write the resolved config into the run directory; returns the file."""
     out = Path(cfg.run.out_dir)
@@ -94,7 +99,7 @@ def submit_run(
         job = executor.submit(TrainJob(), str(snapshot), k)
         jobs.append(job)
         if local and stage_jobs:
-            job.result()  # the local executor has no dependencies: run the chain in order
+            job_result(job)  # the local executor has no dependencies: run the chain in order
     write_launch_record(
         out,
         {
@@ -109,5 +114,5 @@ def submit_run(
     )
     if wait:
         for job in jobs:
-            job.result()
+            job_result(job)
     return jobs

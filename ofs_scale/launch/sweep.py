@@ -29,7 +29,7 @@ import yaml
 
 from ofs_scale.config import Config, ConfigError, load_config
 from ofs_scale.launch.job import CONFIG_SNAPSHOT, TrainJob
-from ofs_scale.launch.submit import make_executor, write_launch_record, write_snapshot
+from ofs_scale.launch.submit import job_result, make_executor, write_launch_record, write_snapshot
 
 SWEEP_FILE = "sweep.json"
 SWEEP_KEYS = {"name", "config", "out_dir", "overrides", "grid"}
@@ -60,9 +60,20 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in text).strip("-") or "x"
 
 
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """The last part of each dotted key, or the whole key (dots as dashes) where that part is
+    shared with another key or is just `name`."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {
+        k: k.replace(".", "-") if last.count(part) > 1 or part == "name" else part
+        for k, part in zip(keys, last)
+    }
+
+
 def point_name(index: int, params: dict[str, Any]) -> str:
-    """`003_block-op_name-soap`: index, then the last key part and value of each grid entry."""
-    parts = [f"{key.rsplit('.', 1)[-1]}-{_slug(v)}" for key, v in params.items()]
+    """`003_block-op_optim-name-soap`: the index, then a short key and value per grid entry."""
+    short = _short_keys(list(params))
+    parts = [f"{short[key]}-{_slug(v)}" for key, v in params.items()]
     return "_".join([f"{index:03d}", *parts])
 
 
@@ -168,5 +179,5 @@ def submit_sweep(sweep: Sweep, local: bool = False, wait: bool = False) -> list[
     write_index(sweep, jobs, executor.cluster)
     if wait:
         for job in jobs:
-            job.result()
+            job_result(job)
     return jobs

@@ -1,0 +1,60 @@
+#!/bin/bash
+# The 7B OP-block + SOAP run (configs/op7b.yaml) on 8 nodes x 8 H100: srun starts one torchrun
+# per node, torchrun one rank per GPU, all meeting at a c10d rendezvous on the first node.
+#
+#   sbatch slurm/op7b.sh [section.key=value ...]
+#   CONFIG=configs/pre7b.yaml sbatch slurm/op7b.sh                # the Pre-Norm + AdamW baseline
+#   sbatch --nodes=4 slurm/op7b.sh train.global_batch=256          # fewer nodes: DP shrinks
+#   OVERRIDES="optim.lr=2e-4 run.out_dir=runs/op7b_lr2e-4" sbatch slurm/op7b.sh
+#
+# Environment: CONFIG, OVERRIDES (space separated; arguments after the script come last),
+# NPROC_PER_NODE (default: GPUs on the node), MASTER_PORT, PYTHON, OFS_ROOT (default: the submit
+# directory). Check the layout first: python tools/plan.py "$CONFIG" --gpus 64 --gpu-mem 80.
+#
+# Time limit and preemption: SLURM sends USR1 to every process of the step 300 s before the
+# limit; the ranks agree on a step, finish it, write checkpoint step_NNNNNN, and rank 0 runs
+# `scontrol requeue`. On preemption (SIGTERM, PreemptMode=REQUEUE) the ranks also checkpoint
+# within the grace time and SLURM requeues the job itself. The requeued job resumes from the
+# newest checkpoint in run.out_dir; logs are appended to the same output file.
+#SBATCH --job-name=ofs-op7b
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+set -euo pipefail
+cd "${OFS_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
+
+export CONFIG="${CONFIG:-configs/op7b.yaml}"
+export NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+export PYTHON="${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}"
+export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
+
+# NCCL: surface errors as exceptions instead of hangs; one CUDA work queue keeps TP
+# communication ordered with compute; everything can be overridden from the submitting shell.
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export TORCH_NCCL_BLOCKING_WAIT="${TORCH_NCCL_BLOCKING_WAIT:-0}"
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+echo "[op7b.sh] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:" \
+  "$SLURM_NNODES x $NPROC_PER_NODE ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, $CONFIG $*"
+
+# torchrun ignores USR1 (its default action would kill it and orphan the ranks); the ranks
+# install their own handler.
+# shellcheck disable=SC2086
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+  trap "" USR1
+  exec "$PYTHON" -m torch.distributed.run \
+    --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" --max_restarts=0 \
+    --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    -m ofs_scale.train --config "$CONFIG" "$@"' bash ${OVERRIDES:-} "$@"
