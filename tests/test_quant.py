@@ -19,6 +19,7 @@ from ofs_scale.quant.fake import (
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
+LINEARS = ("qkv", "proj", "up", "down", "head")
 SPECS = {
     "default": {},
     "channel-dynamic-all": {"weights": "channel", "acts": "dynamic", "scope": "all"},
@@ -108,7 +109,14 @@ def _single(rank, overrides, run_dir):
     before = {n: p.detach().clone() for n, p in run.engine.model.named_parameters()}
     out["specs"] = {k: quant_eval(run, QuantSpec(**v), 2) for k, v in SPECS.items()}
     out["restored"] = all(torch.equal(p, before[n]) for n, p in run.engine.model.named_parameters())
-    out["channel_w8"] = quant_eval(run, QuantSpec(weights="channel"), 2)["results"]["W8"]
+    out["weight_mse"] = {
+        name: [
+            float((fake_quant_weight(m.weight, per_channel) - m.weight).pow(2).mean())
+            for per_channel in (False, True)
+        ]
+        for name, m in run.engine.model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and name.endswith(LINEARS)
+    }
     plant_outlier(run.engine.model, channel=3, factor=100.0)
     out["planted"] = quant_eval(run, QuantSpec(), 2)
     return out
@@ -130,8 +138,10 @@ def trained(tiny_corpus, cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("quant") / "run"
     overrides = [
         *tiny_overrides(tiny_corpus, cache_dir, run_dir),
-        "train.stages=[{name: main, steps: 40, lr_schedule: constant}]",
-        "optim.lr=1e-2",
+        # Long enough that the model uses its context: a near-unigram model barely notices
+        # activation noise, planted outlier or not.
+        "train.stages=[{name: main, steps: 300, lr_schedule: constant}]",
+        "optim.lr=3e-3",
         "train.eval_batches=2",
     ]
     (single,) = run_distributed(_single, 1, overrides, run_dir)
@@ -155,16 +165,16 @@ def test_planted_outlier_hurts_w8a8_per_tensor(trained):
     # Same fp function (an exact reparametrisation up to rounding) ...
     assert planted["fp"]["val_loss"] == pytest.approx(clean["fp"]["val_loss"], rel=1e-4)
     # ... but the outlier channel stretches every per-tensor activation range.
-    assert planted["W8A8"]["increase_pct"] > 5 * max(clean["W8A8"]["increase_pct"], 0.01)
+    assert planted["W8A8"]["increase_pct"] > max(5 * clean["W8A8"]["increase_pct"], 2.0)
     assert planted["A8"]["increase_pct"] > planted["W8"]["increase_pct"]
 
 
-def test_per_channel_weights_not_worse_on_model(trained):
+def test_per_channel_not_worse_on_trained_weights(trained):
     _, single = trained
-    tensor_w8 = single["specs"]["default"]["results"]["W8"]["val_loss"]
-    fp = single["specs"]["default"]["results"]["fp"]["val_loss"]
-    channel_w8 = single["channel_w8"]["val_loss"]
-    assert abs(channel_w8 - fp) <= abs(tensor_w8 - fp) + 1e-4
+    mse = single["weight_mse"]
+    assert len(mse) == 2 * 4 + 1  # qkv, proj, up, down per block, and the head
+    for name, (per_tensor, per_channel) in mse.items():
+        assert per_channel <= per_tensor, name
 
 
 def test_tp2_and_dp2_equal_single_process(trained):
