@@ -169,6 +169,7 @@ class DeepSpeedEngine:
         )
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The model's parameters by name (the same objects DeepSpeed updates in place)."""
         return self.local.named_parameters()
 
     def step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -202,9 +203,11 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Mean loss over `batches` on this rank, as `LocalEngine.evaluate`."""
         return self.local.evaluate(batches)
 
     def train(self, mode: bool = True) -> None:
+        """Training or evaluation mode for the model (through DeepSpeed's engine)."""
         self.ds.train(mode)
 
     def optimizer_state_bytes(self) -> dict[str, int]:
@@ -232,7 +235,9 @@ class DeepSpeedEngine:
                 state[k] = v.float()
         return state
 
-    def save_checkpoint(self, manager: CheckpointManager, name: str, state: dict, step: int):
+    def save_checkpoint(
+        self, manager: CheckpointManager, name: str, state: dict, step: int
+    ) -> Path:
         """DeepSpeed's own save plus the DCP state, committed atomically as `<root>/<name>`."""
         return DeepSpeedCheckpoints(manager, self).save(name, state, step)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,19 +159,61 @@ def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
 
 
 def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
-    """TP=2, DP=1: DeepSpeed's DP group must be our (size 1) DP group, not the world."""
-    tp = "parallel.tp=2"
-    _, native, _, _ = _fit(base, tp, f"run.out_dir={out}/n")
-    _, zero, _, _ = _fit(base, tp, "train.engine=deepspeed", f"run.out_dir={out}/z")
-    return {"native": native, "zero": zero}
+    """TP=2, DP=1: DeepSpeed's DP group must be our (size 1) DP group, not the world; then
+    checkpoint safety: a crash before the rename, and a native checkpoint, are both skipped."""
+    from ofs_scale import deepspeed_engine
+    from ofs_scale.train import Trainer
+
+    tp, ds = "parallel.tp=2", "train.engine=deepspeed"
+    _, native, _, _ = _fit(base, tp, f"run.out_dir={out}/n", checkpoints=True)
+    t, zero, good, _ = _fit(base, tp, ds, f"run.out_dir={out}/z", checkpoints=True)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after DeepSpeed's files, before the rename")
+
+    # Every rank dies at the same point (one rank alone would leave the others in a barrier).
+    orig = deepspeed_engine.dcp
+    deepspeed_engine.dcp = SimpleNamespace(save=crash, load=orig.load)
+    try:
+        with torch.no_grad():
+            for p in t.params:
+                p.add_(1.0)
+        t.step = 99
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            t.save_checkpoint("step_000099")
+    finally:
+        deepspeed_engine.dcp = orig
+    fresh = Trainer(load_config(None, [*base, tp, ds, f"run.out_dir={out}/z"]), callbacks=[])
+    path = fresh.resume()
+    restored = all(torch.equal(p.detach(), good[n]) for n, p in fresh.named_params)
+    messages: list[str] = []
+    other = Trainer(load_config(None, [*base, tp, ds, f"run.out_dir={out}/n"]), callbacks=[])
+    other.log = messages.append
+    return {
+        "native": native,
+        "zero": zero,
+        "leftovers": sorted(p.name for p in (out / "z/checkpoints").iterdir()),
+        "resumed": (path.name, fresh.step, restored),
+        "native_ckpt": (other.resume(), messages),
+    }
 
 
-def test_deepspeed_tensor_parallel_matches_native(tiny_corpus, cache_dir, tmp_path):
+def test_deepspeed_tensor_parallel_and_checkpoint_safety(tiny_corpus, cache_dir, tmp_path):
     base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run")
-    for r in run_distributed(_tp2_checks, 2, base, tmp_path, timeout=600):
+    ranks = run_distributed(_tp2_checks, 2, base, tmp_path, timeout=600)
+    for r in ranks:
         torch.testing.assert_close(
             torch.tensor(r["zero"]), torch.tensor(r["native"]), rtol=1e-5, atol=0
         )
+        assert ".tmp-step_000099" in r["leftovers"] and "step_000099" not in r["leftovers"]
+        assert r["resumed"] == ("stage_main", 3, True)
+        assert r["native_ckpt"][0] is None
+    # rank 0 reports why the native run's checkpoint cannot resume a DeepSpeed engine
+    assert any("written by the native engine" in m for m in ranks[0]["native_ckpt"][1])
+    assert (tmp_path / "z/checkpoints/latest").read_text().strip() == "stage_main"
+    stage = tmp_path / "z/checkpoints/stage_main"
+    assert (stage / "mp_rank_00_model_states.pt").is_file()
+    assert (stage / "mp_rank_01_model_states.pt").is_file()
 
 
 @pytest.mark.parametrize(
