@@ -108,6 +108,11 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     assert tool.main([op7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
     out = capsys.readouterr().out
     assert "optimizer state" in out and "FLOPs per token" in out
+    # the 7B dry run validates and sizes the model on the meta device
+    from ofs_scale.train import dry_run
+
+    dry_run(load_config(op7b))
+    assert "6,704,607,232" in capsys.readouterr().out
     p = plan(load_config(op7b), gpus=64)
     assert 6.5e9 < p.total_params < 7.0e9
     assert p.tp * p.pp * p.dp == 64 and p.total(True) < p.total(False) < 80 * 2**30

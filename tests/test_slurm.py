@@ -156,3 +156,57 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
     assert (out / "checkpoints/stage_b/ofs_meta.json").is_file()
     launch = json.loads((out / "launch.json").read_text())
     assert launch["submissions"][-1]["jobs"][0]["job_id"] == str(job.job_id)
+
+
+def test_op7b_script_runs_on_a_cpu_node(slurm, tiny_corpus, cache_dir, tmp_path):
+    # The 7B script itself, its header overridden on the command line down to one CPU node.
+    out = tmp_path / "op7b_cpu"
+    overrides = [
+        *tiny_overrides(tiny_corpus, cache_dir, out),
+        "parallel.backend=gloo",
+        "train.device=cpu",
+    ]
+    _prepare(overrides)
+    env = dict(os.environ, CONFIG="configs/smoke.yaml", NPROC_PER_NODE="2")
+    env["PYTHON"] = str(ROOT / ".venv/bin/python")
+    sbatch = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    log = tmp_path / "op7b.log"
+    res = subprocess.run(
+        [*sbatch, f"--output={log}", str(ROOT / "slurm/op7b.sh"), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert slurm.wait_job(res.stdout.strip()) == "COMPLETED", log.read_text()
+    assert "[op7b.sh] job" in log.read_text() and "1 x 2 ranks" in log.read_text()
+    assert (out / "checkpoints/stage_main/ofs_meta.json").is_file()
+
+
+def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, tmp_path):
+    from ofs_scale.launch.submit import job_result, submit_run
+
+    out = tmp_path / "staged"
+    overrides = [
+        *tiny_overrides(tiny_corpus, cache_dir, out),
+        "train.stages=[{name: a, steps: 2, lr_schedule: constant}, {name: b, steps: 3}]",
+        "launch.cpus_per_task=1",
+    ]
+    _prepare(overrides)
+    jobs = submit_run(load_config(None, overrides), stage_jobs=True)
+    assert len(jobs) == 2
+    script = (out / "submitit" / f"{jobs[1].job_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{jobs[0].job_id}" in script
+    assert "dependency" not in (out / "submitit" / f"{jobs[0].job_id}_submission.sh").read_text()
+    first, second = (job_result(j) for j in jobs)
+    assert (first["step"], second["step"]) == (2, 5)
+    log = " ".join(" ".join(p.read_text().split()) for p in (out / "submitit").glob("*_log.out"))
+    assert f"resumed from {out}/checkpoints/stage_a at step 2" in log
+    for name in ("stage_a", "stage_b"):
+        assert (out / "checkpoints" / name / "ofs_meta.json").is_file()
+    stages = [
+        j["stage"] for j in json.loads((out / "launch.json").read_text())["submissions"][-1]["jobs"]
+    ]
+    assert stages == ["a", "b"]
