@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from ofs_scale.logs import console
@@ -87,7 +88,7 @@ def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key == "w8a8_increase_pct":
-        return f"{value:+.1f}%"
+        return f"{value:+.2f}%"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) >= 100 else f"{value:.3f}"
     return str(value)
@@ -155,7 +156,8 @@ def report(sweep_dir: Path, quant_missing: bool = False) -> list[dict[str, Any]]
         table.add_column(col, justify="left" if col == "point" else "right")
     for row in rows:
         table.add_row(*(_cell(k, row[k]) for _, k in COLUMNS))
-    console.print(table)
+    # Wide enough for the point names even when stdout is not a terminal (a log file).
+    Console(width=max(console.width, 150)).print(table)
     (sweep_dir / "report.md").write_text(markdown(rows))
     (sweep_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     fig = kurtosis_figure(points, sweep_dir / "kurtosis.png")

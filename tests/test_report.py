@@ -54,7 +54,7 @@ def test_report_gathers_every_point(tmp_path):
     assert a["w8a8_ppl"] == 9.0 and a["w8a8_increase_pct"] == 21.8
     assert b["kurtosis_max"] == pytest.approx(2.0) and b["w8a8_ppl"] is None
     md = (sweep / "report.md").read_text()
-    assert "| 000_a | 20 | 2.050 | 7.389 | 8.000 | 4.500 | 7.000 | 9.000 | +21.8% |" in md
+    assert "| 000_a | 20 | 2.050 | 7.389 | 8.000 | 4.500 | 7.000 | 9.000 | +21.80% |" in md
     assert "| 001_b |" in md and md.count("\n") == 4
     assert json.loads((sweep / "report.json").read_text())[0]["params"] == {"model.block": "pre"}
     assert (sweep / "kurtosis.png").stat().st_size > 1000
