@@ -19,11 +19,12 @@ from ofs_scale.config import ConfigError, load_config
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
-pytest.importorskip("deepspeed")
+# Before DeepSpeed is imported: its accelerator is chosen once, at first use.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/ofs_scale/torch_extensions").expanduser())
 )
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+pytest.importorskip("deepspeed")
 
 TEN_STEPS = (
     "train.stages=[{name: warm, steps: 4, lr_schedule: warmup}, "
