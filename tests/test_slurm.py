@@ -1,5 +1,6 @@
-"""Against a real one-node SLURM: sbatch slurm/smoke.sh, USR1 requeue with exact resume, and a
-submitit job that is preempted (USR2), requeues itself and returns its result.
+"""Against a real one-node SLURM: sbatch slurm/op7b.sh (on a CPU node) and slurm/smoke.sh, USR1
+requeue with exact resume, a submitit job that is preempted (USR2), requeues itself and returns
+its result, and --stage-jobs chains.
 
 Skips (with the reason) where SLURM cannot be started; set OFS_REQUIRE_SLURM=1 (CI) to turn the
 skip into a failure.
@@ -50,11 +51,13 @@ def _prepare(overrides: list[str]) -> None:
     prepare_data(d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, 0, False)
 
 
-def _sbatch(out: Path, log: Path, overrides: list[str]) -> str:
+def _sbatch(script: str, log: Path, overrides: list[str], *sbatch_args: str) -> str:
     env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=str(ROOT / ".venv/bin/python"))
-    cmd = ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1"]
+    env["OMP_NUM_THREADS"] = "1"  # the same thread count (and float sums) in both jobs
+    env["CONFIG"] = "configs/smoke.yaml"
+    cmd = ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1", *sbatch_args]
     res = subprocess.run(
-        [*cmd, str(ROOT / "slurm/smoke.sh"), *overrides],
+        [*cmd, str(ROOT / script), *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -100,28 +103,35 @@ def _final(records: list[dict]) -> tuple[dict, dict]:
     return train[-1], evals[-1]
 
 
-def test_sbatch_smoke_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, cache_dir, tmp_path):
+def test_sbatch_scripts_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, cache_dir, tmp_path):
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
     _prepare(_overrides(tiny_corpus, cache_dir, ref_dir))
-    ref_job = _sbatch(ref_dir, tmp_path / "ref.log", _overrides(tiny_corpus, cache_dir, ref_dir))
-    cut_job = _sbatch(cut_dir, tmp_path / "cut.log", _overrides(tiny_corpus, cache_dir, cut_dir))
+    # The reference runs the 7B script itself, its header cut down to one CPU node on the
+    # command line; the other job runs slurm/smoke.sh and is signalled mid-run.
+    cpu = ["parallel.backend=gloo", "train.device=cpu"]
+    ref_log, cut_log = tmp_path / "ref.log", tmp_path / "cut.log"
+    ref_overrides = [*_overrides(tiny_corpus, cache_dir, ref_dir), *cpu]
+    ref_job = _sbatch("slurm/op7b.sh", ref_log, ref_overrides, "--nodes=1", "--gpus-per-node=0")
+    cut_job = _sbatch("slurm/smoke.sh", cut_log, _overrides(tiny_corpus, cache_dir, cut_dir))
 
     # Signal the second job the way `--signal=USR1@60` does: every process of its job steps.
     _wait_records(cut_dir, 20)
     subprocess.run(["scancel", "--signal=USR1", cut_job], check=True, timeout=30)
     _release_requeued(slurm, cut_job)
 
-    assert slurm.wait_job(ref_job) == "COMPLETED", (tmp_path / "ref.log").read_text()
-    assert slurm.wait_job(cut_job) == "COMPLETED", (tmp_path / "cut.log").read_text()
+    assert slurm.wait_job(ref_job) == "COMPLETED", ref_log.read_text()
+    assert slurm.wait_job(cut_job) == "COMPLETED", cut_log.read_text()
 
-    # sbatch smoke.sh ran to completion and kept both stage checkpoints
-    for name in ("stage_a", "stage_b"):
-        assert (ref_dir / "checkpoints" / name / "ofs_meta.json").is_file()
+    # both scripts ran to completion and kept both stage checkpoints
+    assert "[op7b.sh] job" in ref_log.read_text() and "1 x 2 ranks" in ref_log.read_text()
+    for run_dir in (ref_dir, cut_dir):
+        for name in ("stage_a", "stage_b"):
+            assert (run_dir / "checkpoints" / name / "ofs_meta.json").is_file()
     ref_train, ref_eval = _final(_records(ref_dir))
     assert ref_train["step"] == 305
 
     # the signalled job checkpointed mid-run, was requeued, resumed and ended like the reference
-    log = " ".join((tmp_path / "cut.log").read_text().split())  # undo console line wrapping
+    log = " ".join(cut_log.read_text().split())  # undo console line wrapping
     stopped = re.search(r"checkpoint written at step (\d+)", log)
     assert stopped and 20 <= int(stopped.group(1)) < 305, log
     assert f"resumed from {cut_dir}/checkpoints/step_{int(stopped.group(1)):06d}" in log, log
@@ -156,33 +166,6 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
     assert (out / "checkpoints/stage_b/ofs_meta.json").is_file()
     launch = json.loads((out / "launch.json").read_text())
     assert launch["submissions"][-1]["jobs"][0]["job_id"] == str(job.job_id)
-
-
-def test_op7b_script_runs_on_a_cpu_node(slurm, tiny_corpus, cache_dir, tmp_path):
-    # The 7B script itself, its header overridden on the command line down to one CPU node.
-    out = tmp_path / "op7b_cpu"
-    overrides = [
-        *tiny_overrides(tiny_corpus, cache_dir, out),
-        "parallel.backend=gloo",
-        "train.device=cpu",
-    ]
-    _prepare(overrides)
-    env = dict(os.environ, CONFIG="configs/smoke.yaml", NPROC_PER_NODE="2")
-    env["PYTHON"] = str(ROOT / ".venv/bin/python")
-    sbatch = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
-    log = tmp_path / "op7b.log"
-    res = subprocess.run(
-        [*sbatch, f"--output={log}", str(ROOT / "slurm/op7b.sh"), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    assert slurm.wait_job(res.stdout.strip()) == "COMPLETED", log.read_text()
-    assert "[op7b.sh] job" in log.read_text() and "1 x 2 ranks" in log.read_text()
-    assert (out / "checkpoints/stage_main/ofs_meta.json").is_file()
 
 
 def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, tmp_path):

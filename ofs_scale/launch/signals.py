@@ -88,13 +88,6 @@ class PreemptionGuard(Callback):
             trainer.log(f"[launch] {name} received: stopped at step {trainer.step}")
 
 
-def install_preemption(trainer: Trainer, **kwargs: Any) -> PreemptionGuard:
-    """Attach a PreemptionGuard to `trainer` (handlers installed now); see the module doc."""
-    guard = PreemptionGuard(**kwargs).install()
-    trainer.callbacks.append(guard)
-    return guard
-
-
 def slurm_requeue(job_id: str | None = None) -> str:
     """Requeue this SLURM batch job (`scontrol requeue`); returns a line saying what happened.
     SLURM_JOB_ID is also the unique id of one element of a job array."""

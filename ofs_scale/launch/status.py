@@ -89,9 +89,7 @@ def run_rows(run_dir: Path) -> list[dict[str, str]]:
     if not subs:
         return [{"run": str(run_dir), "job": "-", "stage": "-", "state": "-", **common}]
     sub = subs[-1]
-    folder = Path(sub.get("folder", run_dir / "submitit"))
-    if sub.get("sweep"):
-        folder = Path(sub["sweep"]) / "submitit"
+    folder = Path(sub["sweep"]) / "submitit" if sub.get("sweep") else run_dir / "submitit"
     rows = []
     for job in sub["jobs"]:
         state = job_state(job["job_id"], sub["cluster"], folder)
