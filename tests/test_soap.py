@@ -222,3 +222,19 @@ def test_non_finite_factor_and_eigh_failures_warn_and_continue(caplog, monkeypat
             q.grad = fn(q.detach(), call)
             opt.step()
         assert torch.isfinite(q).all() and not torch.equal(q.detach(), w0)
+
+
+def test_factor_with_zero_rows_gets_a_basis_in_fp32(caplog):
+    """Embedding-like gradients (rows of absent tokens are exactly zero) used to make fp32 eigh
+    fail to converge; the basis must come out of the fp32 attempt, orthonormal."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.zeros(512, 16)
+    g[torch.randperm(512, generator=gen)[:60], :10] = torch.randn(60, 10, generator=gen)
+    p = nn.Parameter(torch.zeros(512, 16))
+    opt = SOAP([("embed", p)], OptimConfig(name="soap", **SOAP_CFG))
+    p.grad = g
+    with caplog.at_level(logging.WARNING, logger="ofs_scale.optim"):
+        opt.step()
+    assert not caplog.records
+    ql = opt.named_state()["embed"]["QL"]
+    torch.testing.assert_close(ql.T @ ql, torch.eye(512), atol=1e-4, rtol=0)

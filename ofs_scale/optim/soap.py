@@ -23,6 +23,8 @@ log = logging.getLogger("ofs_scale.optim")
 
 StateDict = dict[str, torch.Tensor]
 
+EIGH_SHIFT = 1e-30
+
 
 def safe_eigh(
     mat: torch.Tensor,
@@ -39,8 +41,13 @@ def safe_eigh(
         log.warning("%s is not finite: preconditioner update skipped and the factor reset", what)
         return None
     for dtype in dtypes:
+        shifted = mat.to(dtype, copy=True)
+        # Exactly-zero rows (e.g. embedding rows of tokens absent from the batch) make LAPACK's
+        # syevd fail to converge most of the time in fp32; a diagonal shift below the resolution
+        # of any nonzero entry prevents that and leaves the eigenvectors unchanged.
+        shifted.diagonal().add_(EIGH_SHIFT)
         try:
-            evals, evecs = torch.linalg.eigh(mat.to(dtype))
+            evals, evecs = torch.linalg.eigh(shifted)
         except RuntimeError as e:  # torch.linalg.LinAlgError derives from RuntimeError
             log.warning("eigh of %s failed in %s (%s)", what, dtype, str(e)[:120])
             continue
