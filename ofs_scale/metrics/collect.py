@@ -140,6 +140,7 @@ class Collector:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.hooked: list[Site] = []
         self.calls: dict[str, int] = {}
+        self._last_resid: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.partials: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     # -- hooks -----------------------------------------------------------------------------
@@ -160,6 +161,7 @@ class Collector:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._last_resid = None
 
     def _hook(self, site: Site):
         def hook(module: nn.Module, inputs, output) -> None:
@@ -174,8 +176,12 @@ class Collector:
                     part = self._partial_attn(output[0], output[1])
                 elif site.kind == MLP:
                     part = self._partial_mlp(output)
+                elif self._last_resid is not None and self._last_resid[0] is output:
+                    # `final` sees the very tensor the last block returned: measured already
+                    part = dict(self._last_resid[1])
                 else:
                     part = self._partial_resid(output)
+                    self._last_resid = (output, part)
             self.partials.setdefault(site.name, []).append(part)
 
         return hook

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Attention entropy materialises (heads x T x T) score blocks; cap one block at this many
@@ -29,11 +30,15 @@ def lower_median_rank(width: int) -> int:
 
 
 def neuron_sums(x_NF: torch.Tensor, mean_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-neuron sums over tokens of x^2 and of the width-centred (x - mean_N)^2, in float64."""
-    x_NF = x_NF.double()
-    sq_F = torch.sum(x_NF * x_NF, dim=0)
-    c_NF = x_NF - mean_N.double()[:, None]
-    csq_F = torch.sum(c_NF * c_NF, dim=0)
+    """Per-neuron sums over tokens of x^2 and of the width-centred (x - mean_N)^2.
+
+    Squares are formed in the activation's float32 and accumulated in float64: the sums keep
+    about 1e-7 relative accuracy at a fraction of the cost of a float64 copy of the activation.
+    """
+    x_NF = x_NF.float()
+    sq_F = torch.sum(x_NF * x_NF, dim=0, dtype=torch.float64)
+    c_NF = x_NF - mean_N.to(x_NF.dtype)[:, None]
+    csq_F = torch.sum(c_NF * c_NF, dim=0, dtype=torch.float64)
     return sq_F, csq_F
 
 
@@ -64,8 +69,17 @@ def mmr_terms(max_N: torch.Tensor, median_N: torch.Tensor) -> tuple[torch.Tensor
 def abs_max_and_median(x_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token max_j |x| and lower median_j |x| over the full width held here."""
     a_NF = x_NF.abs()
+    return a_NF.amax(dim=-1), lower_median(a_NF)
+
+
+def lower_median(a_NF: torch.Tensor) -> torch.Tensor:
+    """Per-row lower median (an element of the row, `lower_median_rank`), exact."""
+    if a_NF.device.type != "cpu":
+        return a_NF.median(dim=-1).values
+    # numpy's introselect is ~10x faster than torch's per-row median on CPU (same element)
     k = lower_median_rank(a_NF.shape[-1])
-    return a_NF.amax(dim=-1), a_NF.kthvalue(k + 1, dim=-1).values
+    part = np.partition(a_NF.detach().float().numpy(), k, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(part[:, k]))
 
 
 def cosine_offdiag(x_BTD: torch.Tensor) -> torch.Tensor:
