@@ -169,6 +169,7 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
 
 
 def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, tmp_path):
+    from ofs_scale.launch.status import status
     from ofs_scale.launch.submit import job_result, submit_run
 
     out = tmp_path / "staged"
@@ -189,7 +190,10 @@ def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, t
     assert f"resumed from {out}/checkpoints/stage_a at step 2" in log
     for name in ("stage_a", "stage_b"):
         assert (out / "checkpoints" / name / "ofs_meta.json").is_file()
-    stages = [
-        j["stage"] for j in json.loads((out / "launch.json").read_text())["submissions"][-1]["jobs"]
+    assert slurm.wait_job(str(jobs[1].job_id)) == "COMPLETED"  # the result comes before the end
+    rows = status(out)  # what `python -m ofs_scale.launch status` shows
+    assert [(r["stage"], r["state"], r["step"]) for r in rows] == [
+        ("a", "COMPLETED", "5"),
+        ("b", "COMPLETED", "5"),
     ]
-    assert stages == ["a", "b"]
+    assert rows[0]["checkpoint"].startswith("stage_b")
