@@ -119,7 +119,35 @@ def _single(rank, overrides, run_dir):
     }
     plant_outlier(run.engine.model, channel=3, factor=100.0)
     out["planted"] = quant_eval(run, QuantSpec(), 2)
+    out["tied"] = _tied_head_check(overrides, run.mesh)
     return out
+
+
+def _tied_head_check(overrides, mesh) -> dict:
+    """W8 on a tied-embedding model: the head computes with the rounded embedding table, the
+    lookup does not, and the table is untouched afterwards."""
+    from ofs_scale.config import load_config
+    from ofs_scale.model import build_model
+    from ofs_scale.quant.sim import fake_quantized
+    from ofs_scale.quant.spec import QuantSpec
+
+    model = build_model(load_config(None, [*overrides, "model.tie_embeddings=true"]), mesh, 512)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = model.embed.tok.weight.detach().clone()
+    seen: dict[str, list[torch.Tensor]] = {"embed": [], "head_in": []}
+    model.embed_tap.register_forward_hook(lambda m, a, out: seen["embed"].append(out.detach()))
+    model.head.register_forward_pre_hook(lambda m, args: seen["head_in"].append(args[0].detach()))
+    with torch.no_grad():
+        ref = model(tokens)
+        with fake_quantized([model], QuantSpec(acts="none")):
+            got = model(tokens)
+        after = model(tokens)
+    want = seen["head_in"][1] @ fake_quant_weight(table, False).T
+    return {
+        "head_rounded": bool(torch.allclose(got, want, atol=1e-5)) and not torch.equal(got, ref),
+        "lookup_fp": bool(torch.equal(seen["embed"][1], seen["embed"][0])),
+        "restored": bool(torch.equal(model.embed.tok.weight, table) and torch.equal(after, ref)),
+    }
 
 
 def _parallel(rank, run_dir):
@@ -157,6 +185,7 @@ def test_cli_writes_results_and_restores_weights(trained):
     assert result["results"]["W8A8"]["val_ppl"] != result["results"]["fp"]["val_ppl"]
     assert "| W8A8 |" in (run_dir / "quant.md").read_text()
     assert single["restored"]
+    assert single["tied"] == {"head_rounded": True, "lookup_fp": True, "restored": True}
 
 
 def test_planted_outlier_hurts_w8a8_per_tensor(trained):
