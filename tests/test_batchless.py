@@ -8,8 +8,14 @@ import torch
 from ofs_scale.callbacks import Callback
 from ofs_scale.config import load_config
 from ofs_scale.metrics.collapse import BatchlessAuxCallback
-from ofs_scale.model.batchless import BatchlessNorm, aux_loss, configure_aux_scaling
+from ofs_scale.model.batchless import (
+    BatchlessNorm,
+    aux_loss,
+    configure_aux_scaling,
+    pop_aux_losses,
+)
 from ofs_scale.model.norms import build_norm
+from ofs_scale.parallel.grads import average_across_dp
 from ofs_scale.train import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
@@ -103,32 +109,75 @@ class Records(Callback):
         self.records.append(dict(record))
 
 
+def _first_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Gradients of the first global batch (before any optimizer step), averaged over DP; the
+    trainer is left as if nothing ran."""
+    start = trainer.sampler.state_dict()
+    trainer.engine.train(True)
+    trainer.engine.forward_backward(trainer._batches(trainer.train_split, trainer.sampler.next()))
+    average_across_dp(trainer.params, trainer.mesh)
+    grads = {n: p.grad.clone() for n, p in trainer.named_params}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.sampler.load_state_dict(start)
+    for chunk in trainer.engine.chunks:
+        pop_aux_losses(chunk)
+    return grads
+
+
 def _train(rank, runs):
     out = []
     for overrides in runs:
         rec = Records()
         trainer = Trainer(load_config(None, overrides), callbacks=[BatchlessAuxCallback(), rec])
+        grads = _first_step_grads(trainer)
         trainer.fit()
         params = {n: p.detach().clone() for n, p in trainer.named_params}
         losses = [[r["loss"], r["bln/aux_loss"]] for r in rec.records]
-        out.append((losses, params))
+        out.append((losses, params, grads))
     return out
 
 
-def test_micro_batching_1x8_equals_8x1_and_dp2(tiny_corpus, cache_dir, tmp_path):
-    base = [
+def _base(tiny_corpus, cache_dir, tmp_path) -> list[str]:
+    return [
         *tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run"),
         "model.norm=batchless",
         "optim.lr=0.01",
     ]
-    one = [*base, "train.micro_batch=8", f"run.out_dir={tmp_path}/a"]
-    eight = [*base, "train.micro_batch=1", f"run.out_dir={tmp_path}/b"]
-    ((l1, p1), (l8, p8)) = run_distributed(_train, 1, [one, eight])[0]
-    dp2 = run_distributed(_train, 2, [[*base, "train.micro_batch=2", f"run.out_dir={tmp_path}/c"]])
-    assert l1[-1][1] < l1[0][1]  # the aux loss falls
-    for losses, params in [(l8, p8), *(r[0] for r in dp2)]:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(l1), rtol=1e-5, atol=0)
-        for n, p in p1.items():
-            torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-6, msg=n)
-    moved = [n for n in p1 if n.endswith((".mu", ".log_sigma")) and p1[n].abs().max() > 0]
-    assert moved, "mu/log_sigma never received a gradient"
+
+
+@pytest.fixture(scope="module")
+def single_process_runs(tiny_corpus, cache_dir, tmp_path_factory):
+    """The reference: one process, micro batches 1 x 8 and 8 x 1."""
+    tmp = tmp_path_factory.mktemp("bln")
+    base = _base(tiny_corpus, cache_dir, tmp)
+    one = [*base, "train.micro_batch=8", f"run.out_dir={tmp}/a"]
+    eight = [*base, "train.micro_batch=1", f"run.out_dir={tmp}/b"]
+    return run_distributed(_train, 1, [one, eight])[0]
+
+
+def _assert_same(run, ref) -> None:
+    (losses, params, grads), (l1, p1, g1) = run, ref
+    # Gradients (not only Adam's scale-free updates) must agree, mu/log_sigma included.
+    assert grads.keys() <= g1.keys() and any(n.endswith(".log_sigma") for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, g1[n], rtol=1e-4, atol=1e-7, msg=n)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(l1), rtol=1e-5, atol=0)
+    for n, p in params.items():
+        torch.testing.assert_close(p, p1[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_micro_batching_1x8_equals_8x1(single_process_runs):
+    ref, eight = single_process_runs
+    losses, _, grads = ref
+    assert losses[-1][1] < losses[0][1]  # the aux loss falls
+    assert any(grads[n].abs().max() > 0 for n in grads if n.endswith((".mu", ".log_sigma")))
+    _assert_same(eight, ref)
+
+
+def test_dp2_and_pp2_equal_one_process(single_process_runs, tiny_corpus, cache_dir, tmp_path):
+    base = _base(tiny_corpus, cache_dir, tmp_path)
+    dp2 = [*base, "train.micro_batch=2", f"run.out_dir={tmp_path}/c"]
+    pp2 = [*base, "train.micro_batch=1", "parallel.pp=2", f"run.out_dir={tmp_path}/d"]
+    for rank_runs in run_distributed(_train, 2, [dp2, pp2]):
+        for run in rank_runs:
+            _assert_same(run, single_process_runs[0])

@@ -14,6 +14,7 @@ from ofs_scale.model.psbn import PostShiftBatchNorm
 from ofs_scale.train import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
+from tests.test_batchless import _first_step_grads
 
 
 def _global_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,10 +112,10 @@ def _train(rank: int, runs: list[list[str]], module_check: bool) -> list:
     for overrides in runs:
         rec = Records()
         trainer = Trainer(load_config(None, overrides), callbacks=[CollapseCallback(), rec])
+        grads = _first_step_grads(trainer)
         trainer.fit()
         buffers = {n: b.clone() for n, b in trainer.engine.state_module.named_buffers()}
-        params = {n: p.detach().clone() for n, p in trainer.named_params}
-        out.append((rec.records, params, buffers))
+        out.append((rec.records, grads, buffers))
     return out
 
 
@@ -126,7 +127,7 @@ def test_dp2_tp2_equal_dp1(tiny_corpus, cache_dir, tmp_path):
         "metrics.every=2",
         "optim.lr=0.01",
     ]
-    ((ref_records, ref_params, ref_buffers),) = run_distributed(
+    ((ref_records, ref_grads, ref_buffers),) = run_distributed(
         _train, 1, [[*base, "train.micro_batch=8"]], False
     )[0]
     dp2 = [*base, "train.micro_batch=4", f"run.out_dir={tmp_path}/dp2"]
@@ -152,15 +153,14 @@ def test_dp2_tp2_equal_dp1(tiny_corpus, cache_dir, tmp_path):
         "collapse/dead_frac/mlp_00" in keys and "collapse/gamma_small_frac/layers.1.norm2" in keys
     )
     assert not any(k.startswith("collapse/") for k in ref_records[0])  # step 1: no metric step
-    for records, params, buffers in [run for _, *runs in results for run in runs]:
+    for records, grads, buffers in [run for _, *runs in results for run in runs]:
         for rec, want in zip(records, ref_records, strict=True):
             assert rec["loss"] == pytest.approx(want["loss"], rel=1e-5)
             assert {k: rec[k] for k in keys if k in want} == {k: want[k] for k in keys if k in want}
-        for n, p in ref_params.items():
-            if params[n].shape == p.shape:  # TP shards are covered by the loss comparison
-                # Adam turns fp32 summation-order noise in near-zero gradients into
-                # differences of a fraction of lr (0.01) on a few elements
-                torch.testing.assert_close(params[n], p, rtol=0, atol=5e-5, msg=n)
+        # first-step gradients (trained weights would let Adam amplify fp32 rounding noise)
+        for n, g in ref_grads.items():
+            if grads[n].shape == g.shape:  # TP shards are covered by the loss comparison
+                torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=n)
         running = [n for n in ref_buffers if n.endswith(("running_mean", "running_var"))]
         assert running
         for n in running:
