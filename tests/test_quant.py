@@ -212,7 +212,10 @@ def test_tp2_and_dp2_equal_single_process(trained):
         for tp, by_spec in rank_result.items():
             for key, want_result in single["specs"].items():
                 got, want = by_spec[key]["results"], want_result["results"]
-                for setting in want:
-                    assert got[setting]["val_loss"] == pytest.approx(
-                        want[setting]["val_loss"], rel=2e-4
-                    ), (key, setting, tp)
+                assert got["fp"]["val_loss"] == pytest.approx(want["fp"]["val_loss"], rel=1e-5)
+                for setting in ("W8", "A8", "W8A8"):
+                    # Compare what quantisation adds: a scale taken from one TP shard instead
+                    # of the whole tensor changes it far more than summation order does.
+                    got_d = got[setting]["val_loss"] - got["fp"]["val_loss"]
+                    want_d = want[setting]["val_loss"] - want["fp"]["val_loss"]
+                    assert abs(got_d - want_d) <= 2e-5 + 0.02 * abs(want_d), (key, setting, tp)

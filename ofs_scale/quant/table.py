@@ -117,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     """The results as a rich table on the terminal."""
     console = console or Console()
-    table = Table(title=_title(result), title_justify="left")
+    console.print(_title(result))  # on its own line: as a table title it wraps to table width
+    table = Table()
     for col in ("setting", "val loss", "val ppl", "ppl increase"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for name, r in result["results"].items():
