@@ -59,6 +59,10 @@ def test_alpha_zero_equals_batch_norm_and_alpha_shifts():
         norm.eval()(x_BTD), ref.eval()(x_BTD.reshape(-1, 6)).reshape(4, 5, 6) + 0.1
     )
     assert {"running_mean", "running_var"} <= set(norm.state_dict())
+    # a forward on uninitialised (here: NaN) memory leaves the running statistics alone
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    norm.train()(torch.full_like(x_BTD, float("nan")))
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
 
 
 def test_dead_fraction_and_small_gains_exact():

@@ -119,6 +119,8 @@ class BatchlessNorm(nn.Module):
         count = sums[-1]
         mean_D = sums[:dim] / count
         var_D = (sums[dim : 2 * dim] / count - mean_D.pow(2)).clamp_min(0.0)
+        if not bool(torch.isfinite(sums).all()):
+            return  # uninitialised input (pipeline metadata inference): wait for real data
         self.mu.copy_(mean_D)
         self.log_sigma.copy_(0.5 * torch.log(var_D + self.eps))
         self.initialized.fill_(True)

@@ -98,8 +98,14 @@ class PostShiftBatchNorm(nn.Module):
             with torch.no_grad():
                 m = self.momentum
                 unbiased_D = var_D.detach() * (n / (n - 1).clamp_min(1.0))
-                self.running_mean.mul_(1 - m).add_(m * mean_D.detach())
-                self.running_var.mul_(1 - m).add_(m * unbiased_D)
+                new_mean_D = (1 - m) * self.running_mean + m * mean_D.detach()
+                new_var_D = (1 - m) * self.running_var + m * unbiased_D
+                # A forward on uninitialised memory (torch.distributed.pipelining's dynamic
+                # metadata inference runs one) can give non-finite statistics: keep them out of
+                # the running estimate, which evaluation relies on for the rest of the run.
+                ok_D = torch.isfinite(new_mean_D) & torch.isfinite(new_var_D)
+                self.running_mean.copy_(torch.where(ok_D, new_mean_D, self.running_mean))
+                self.running_var.copy_(torch.where(ok_D, new_var_D, self.running_var))
                 self.num_batches_tracked.add_(1)
         else:
             mean_D, var_D = self.running_mean, self.running_var
