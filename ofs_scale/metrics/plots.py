@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 Series = dict[str, tuple[list[int], list[float]]]
 
@@ -61,8 +62,14 @@ def _panel(ax, data: Series, title: str, ylabel: str, log: bool) -> None:
     cmap = plt.get_cmap("viridis")
     for i, (site, (steps, values)) in enumerate(data.items()):
         ax.plot(steps, values, label=site, color=cmap(i / max(1, len(data) - 1)), marker=".")
-    if log and any(v > 0 for _, vs in data.values() for v in vs):
+    positive = [v for _, vs in data.values() for v in vs if v > 0]
+    if log and positive:
         ax.set_yscale("log")
+        # plain numbers (1.5, 2, 10) instead of 1.5x10^0; minor labels only within one decade
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        wide = max(positive) / min(positive) > 10
+        ax.yaxis.set_minor_formatter(NullFormatter() if wide else plain)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
