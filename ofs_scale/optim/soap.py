@@ -136,21 +136,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     self._init_state(p, st)
                 g = p.grad.float()
                 if p.ndim < 2:
-                    st["step"] += 1
-                    st["exp_avg"].lerp_(g, 1.0 - group["betas"][0])
-                    st["exp_avg_sq"].mul_(group["betas"][1]).addcmul_(
-                        g, g, value=1.0 - group["betas"][1]
-                    )
-                    d = adam_direction(
-                        st["exp_avg"],
-                        st["exp_avg_sq"],
-                        int(st["step"]),
-                        group["betas"],
-                        group["eps"],
-                    )
-                    apply_update_(p, d, group["lr"], group["weight_decay"])
+                    self._adamw_step(p, g, st, group)
                 else:
                     self._matrix_step(p, g.reshape(matrix_shape(p)), st, group)
+
+    @staticmethod
+    def _adamw_step(p: torch.Tensor, g: torch.Tensor, st: StateDict, group) -> None:
+        beta1, beta2 = group["betas"]
+        st["step"] += 1
+        st["exp_avg"].lerp_(g, 1.0 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        t = int(st["step"])
+        d = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"])
+        apply_update_(p, d, group["lr"], group["weight_decay"])
 
     def named_state(self) -> dict[str, StateDict]:
         """State by parameter name, materialised (zeros) where not yet created."""
