@@ -49,10 +49,12 @@ def set_dist_env(env: submitit.JobEnvironment) -> None:
         MASTER_ADDR=str(env.hostnames[0]) if env.hostnames else "127.0.0.1",
         MASTER_PORT=os.environ.get("OFS_MASTER_PORT") or str(port_for_job(job_id)),
     )
-    # One intra-op thread pool per task sized to its CPUs: oversubscribed pools make gloo
-    # collectives crawl on CPU nodes.
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(
-        max(1, (os.cpu_count() or 1) // tasks_per_node)
+    # One intra-op thread pool per task sized to its CPUs (an explicit OMP_NUM_THREADS wins):
+    # oversubscribed pools make gloo collectives crawl on CPU nodes.
+    cpus = (
+        os.environ.get("OMP_NUM_THREADS")
+        or os.environ.get("SLURM_CPUS_PER_TASK")
+        or str(max(1, (os.cpu_count() or 1) // tasks_per_node))
     )
     torch.set_num_threads(int(cpus))
 
