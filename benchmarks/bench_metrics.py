@@ -3,12 +3,15 @@ metric step vs a plain step.
 
 One Trainer (configs/smoke.yaml shapes unless overridden) trains in rounds of `every` steps,
 alternating a round without the metrics callback and a round with it (its last step measured),
-so that slow drifts of a shared machine hit both sides alike. Prints medians:
+so that slow drifts of a shared machine hit both sides alike. Prints medians of wall-clock time
+and, on a second line with the suffix `_cpu`, of this process's CPU time (steadier when other
+jobs share the machine; use --threads 1 for it to be meaningful):
 
     plain_step_ms=...  metric_step_ms=...  metric_step_cost=<metric/plain>
-    overhead_every_10=<(round with metrics) / (round without) - 1>   (target <= 0.02)
+    overhead_every_10=<(metric_step_cost - 1) / 10>   (target <= 0.02)
+    overhead_every_10_rounds=<(round with metrics) / (round without) - 1>
 
-    python benchmarks/bench_metrics.py [--rounds 6] [--every 10] [section.key=value ...]
+    python benchmarks/bench_metrics.py [--rounds 6] [--every 10] [--threads N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -26,16 +29,35 @@ from ofs_scale.metrics.callback import MetricsCallback
 from ofs_scale.train import Trainer
 
 
-def timed_step(trainer: Trainer, callbacks: list) -> float:
-    """One optimizer step with `callbacks` around it, as `Trainer.fit` runs it; seconds."""
-    t0 = time.perf_counter()
+def timed_step(trainer: Trainer, callbacks: list) -> tuple[float, float]:
+    """One optimizer step with `callbacks` around it, as `Trainer.fit` runs it; (wall, CPU)
+    seconds. CPU time of this process is the steadier measure on a shared machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
     step = trainer.step + 1
     for cb in callbacks:
         cb.pre_step(trainer, step)
     record = trainer.train_step()
     for cb in callbacks:
         cb.post_step(trainer, trainer.step, record)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _summarise(rounds: list, every: int, clock: int, suffix: str) -> dict[str, float]:
+    """Medians of one clock (0: wall, 1: CPU) over the rounds of (off, on) step times."""
+    plain = [t[clock] for off, on in rounds for t in off + on[:-1]]
+    metric = [on[-1][clock] for _, on in rounds]
+    ratios = [sum(t[clock] for t in on) / sum(t[clock] for t in off) for off, on in rounds]
+    res = {
+        f"plain_step_ms{suffix}": 1e3 * statistics.median(plain),
+        f"metric_step_ms{suffix}": 1e3 * statistics.median(metric),
+    }
+    cost = res[f"metric_step_ms{suffix}"] / res[f"plain_step_ms{suffix}"]
+    res[f"metric_step_cost{suffix}"] = cost
+    # one metric step per `every` steps, from the medians (robust to noise) ...
+    res[f"overhead_every_{every}{suffix}"] = (cost - 1.0) / every
+    # ... and measured directly on whole rounds (noisier on a shared machine)
+    res[f"overhead_every_{every}_rounds{suffix}"] = statistics.median(ratios) - 1.0
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -43,9 +65,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_metrics.py")
     parser.add_argument("--rounds", type=int, default=6, help="pairs of rounds (on / off)")
     parser.add_argument("--every", type=int, default=10, help="metrics.every")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     every = args.every
     steps = 2 * every * (args.rounds + 1)
     cfg = load_config(
@@ -65,31 +90,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics.on_train_start(trainer)
     for _ in range(every):  # warm-up: allocator, kernels, the first metric step
         timed_step(trainer, [metrics])
-    plain: list[float] = []
-    metric: list[float] = []
-    ratios: list[float] = []
+    rounds = []
     for _ in range(args.rounds):
         off = [timed_step(trainer, []) for _ in range(every)]
         on = [timed_step(trainer, [metrics]) for _ in range(every)]
         assert metrics.last_step == trainer.step, "the last step of a round must be measured"
-        plain += off + on[:-1]
-        metric.append(on[-1])
-        ratios.append(sum(on) / sum(off))
-    res = {
-        "plain_step_ms": 1e3 * statistics.median(plain),
-        "metric_step_ms": 1e3 * statistics.median(metric),
-    }
-    res["metric_step_cost"] = res["metric_step_ms"] / res["plain_step_ms"]
-    # the overhead of one metric step per `every` steps, from the medians (robust to noise) ...
-    res[f"overhead_every_{every}"] = (res["metric_step_cost"] - 1.0) / every
-    # ... and measured directly on whole rounds (noisier on a shared machine)
-    res[f"overhead_every_{every}_rounds"] = statistics.median(ratios) - 1.0
+        rounds.append((off, on))
+    res: dict[str, float] = {}
+    for clock, name in ((0, ""), (1, "_cpu")):
+        res.update(_summarise(rounds, every, clock, name))
     m = cfg.model
     print(
         f"bench_metrics: d_model={m.d_model} n_layers={m.n_layers} seq={cfg.data.seq_len} "
         f"batch={cfg.train.global_batch} threads={torch.get_num_threads()} rounds={args.rounds}"
     )
-    print("  ".join(f"{k}={v:.4g}" for k, v in res.items()))
+    for cpu in (False, True):
+        print("  ".join(f"{k}={v:.4g}" for k, v in res.items() if k.endswith("_cpu") == cpu))
     return res
 
 
