@@ -17,6 +17,7 @@ from ofs_scale.parallel.mesh import Mesh, init_mesh
 from ofs_scale.train import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
+from tests.test_soap import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_train import Losses
 
 CFG = {

@@ -10,7 +10,7 @@ from torch import nn
 
 from ofs_scale.config import OptimConfig
 from ofs_scale.optim import Shampoo
-from tests.test_soap import make_problem
+from tests.test_soap import make_problem, single_thread  # noqa: F401 (autouse fixture)
 
 CFG = {
     "lr": 3e-3,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,15 @@ from ofs_scale.config import OptimConfig
 from ofs_scale.optim import SOAP
 
 SOAP_CFG = {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matrices: one intra-op thread avoids spin-waiting on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def soap_reference(w, grads_fn, steps, lr, b1, b2, eps, wd, freq, max_dim, shampoo_beta):
