@@ -57,7 +57,14 @@ class PipelineEngine:
         ]
         self.state_module: nn.Module = ChunkView(self.chunks)
         self.stages = [
-            PipelineStage(chunk, c, self.num_chunks, mesh.device, group=mesh.pp_group)
+            PipelineStage(
+                chunk,
+                c,
+                self.num_chunks,
+                mesh.device,
+                *self._stage_io(cfg, chunk),
+                group=mesh.pp_group,
+            )
             for chunk, c in zip(self.chunks, self.chunk_ids)
         ]
         self.schedule_name = p.schedule
@@ -66,6 +73,25 @@ class PipelineEngine:
         self._loss_chunk = (
             self.chunks[self.chunk_ids.index(self.num_chunks - 1)] if self.has_loss else None
         )
+
+    @staticmethod
+    def _stage_io(cfg: Config, chunk: GPT) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta tensors describing one micro batch's stage input and output. Given statically,
+        torch does not infer them by running a forward on uninitialised memory (which would
+        pollute running statistics such as psBN's)."""
+        mb, T, d = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.d_model
+        meta = torch.device("meta")
+        if chunk.first:
+            inp = torch.empty((mb, T), dtype=torch.long, device=meta)
+        else:
+            inp = torch.empty((mb, T, d), dtype=torch.float32, device=meta, requires_grad=True)
+        if chunk.last:
+            vocab_local = chunk.vocab_size // chunk.factory.tp
+            dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+            out = torch.empty((mb, T, vocab_local), dtype=dtype, device=meta, requires_grad=True)
+        else:
+            out = torch.empty((mb, T, d), dtype=torch.float32, device=meta, requires_grad=True)
+        return inp, out
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
