@@ -18,7 +18,8 @@ from ofs_scale.config import to_dict
 if TYPE_CHECKING:
     from ofs_scale.train import Trainer
 
-console = Console(stderr=False)
+# soft_wrap: long lines (paths) are not cut by the console width when output goes to a log file.
+console = Console(stderr=False, soft_wrap=True)
 
 
 def _clean(v: Any) -> Any:

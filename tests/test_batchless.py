@@ -162,8 +162,10 @@ def _assert_same(run, ref) -> None:
     for n, g in grads.items():
         torch.testing.assert_close(g, g1[n], rtol=1e-4, atol=1e-7, msg=n)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(l1), rtol=1e-5, atol=0)
+    # Weights after 3 Adam steps (lr 1e-2): Adam turns a float-rounding-sized gradient near zero
+    # into a full-size step, so weights get an absolute tolerance of 1% of one step.
     for n, p in params.items():
-        torch.testing.assert_close(p, p1[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, p1[n], rtol=1e-5, atol=1e-4, msg=n)
 
 
 def test_micro_batching_1x8_equals_8x1(single_process_runs):
