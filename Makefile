@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	fi
 	touch $(STAMP)
 
+# A fresh run each time (the tokenizer and token shards stay cached under ~/.cache/ofs_scale).
 smoke: install
+	rm -rf runs/smoke
 	$(BIN)/python -m ofs_scale.train --config configs/smoke.yaml $(SMOKE_ARGS)
 
 lint: install

@@ -89,9 +89,10 @@ def eval_micro_batches(
     dp_rank: int,
     dp_size: int,
 ) -> list[np.ndarray]:
-    """This rank's micro batches of the fixed evaluation set: the first num_global*global_batch
-    validation windows (wrapping if the split is smaller), the same set under any layout."""
-    ids = np.arange(num_global * global_batch) % num_samples
+    """This rank's micro batches of the fixed evaluation set: num_global*global_batch validation
+    windows spread evenly over the split (wrapping if it is smaller), the same under any layout."""
+    total = num_global * global_batch
+    ids = (np.arange(total) * max(1, num_samples // total)) % num_samples
     mine = ids.reshape(num_global, dp_size, global_batch // dp_size)[:, dp_rank].reshape(-1)
     return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
