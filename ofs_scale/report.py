@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ofs_scale.logs import console
+from ofs_scale.metrics.records import load_records
 from ofs_scale.quant.hook import quant_command
-from ofs_scale.quant.table import kurtosis_summary, read_jsonl
+from ofs_scale.quant.table import kurtosis_summary
 
 COLUMNS = [
     ("point", "point"),
@@ -63,7 +64,7 @@ def find_points(sweep_dir: Path) -> list[dict[str, Any]]:
 def point_row(point: dict[str, Any]) -> dict[str, Any]:
     """The table row of one point (None where a value is not available yet)."""
     run_dir = point["out_dir"]
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = load_records(run_dir / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_ppl" in r]
     row: dict[str, Any] = {
@@ -112,7 +113,7 @@ def kurtosis_figure(points: list[dict[str, Any]], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     drawn = False
     for point in points:
-        records = read_jsonl(point["out_dir"] / "metrics.jsonl")
+        records = load_records(point["out_dir"] / "metrics.jsonl")
         for ax, key in zip(axes, ("of/kurtosis_max", "of/kurtosis_mean")):
             pts = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), float)]
             if pts:

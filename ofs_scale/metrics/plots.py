@@ -4,8 +4,6 @@ and attention entropy, and the loss curve. Used at the end of training and by
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +13,9 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from ofs_scale.metrics.records import finite_number, load_records
+
 Series = dict[str, tuple[list[int], list[float]]]
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a metrics.jsonl file; unreadable lines (a torn write) are skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-    return records
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a record value (non-finite values are stored as strings)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def series(records: list[dict[str, Any]], prefix: str) -> Series:
@@ -48,7 +26,7 @@ def series(records: list[dict[str, Any]], prefix: str) -> Series:
         for key, value in rec.items():
             if not key.startswith(prefix + "/"):
                 continue
-            x = _number(value)
+            x = finite_number(value)
             if x is not None:
                 by_site.setdefault(key[len(prefix) + 1 :], {})[int(rec["step"])] = x
     return {site: (sorted(d), [d[s] for s in sorted(d)]) for site, d in by_site.items()}
@@ -114,8 +92,8 @@ def _sigprop(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
-    train = {int(r["step"]): _number(r["loss"]) for r in records if "loss" in r}
-    val = {int(r["step"]): _number(r["val_loss"]) for r in records if "val_loss" in r}
+    train = {int(r["step"]): finite_number(r["loss"]) for r in records if "loss" in r}
+    val = {int(r["step"]): finite_number(r["val_loss"]) for r in records if "val_loss" in r}
     train = {s: v for s, v in train.items() if v is not None}
     val = {s: v for s, v in val.items() if v is not None}
     if not train and not val:

@@ -21,9 +21,10 @@ from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError
 from ofs_scale.data import DataError
 from ofs_scale.logs import console
+from ofs_scale.metrics.records import load_records
 from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
 from ofs_scale.quant.spec import QuantSpec
-from ofs_scale.quant.table import kurtosis_summary, print_table, read_jsonl, write_outputs
+from ofs_scale.quant.table import kurtosis_summary, print_table, write_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded = load_run(paths, args.overrides, tp=args.tp, device=args.device)
     result = quant_eval(loaded, spec, args.calib_batches, args.eval_batches)
     run_dir = paths.run_dir or loaded.checkpoint.parent
-    result["kurtosis"] = kurtosis_summary(read_jsonl(run_dir / "metrics.jsonl"))
+    result["kurtosis"] = kurtosis_summary(load_records(run_dir / "metrics.jsonl"))
     if loaded.mesh.is_logging_rank:
         print_table(result, console)
         json_path, md_path = write_outputs(result, Path(args.out or run_dir), spec)

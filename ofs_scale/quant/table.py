@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from ofs_scale.metrics.records import finite_number
 from ofs_scale.quant.spec import QuantSpec
 
 DEFAULT_SPEC = QuantSpec()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl (torn or foreign lines are skipped)."""
-    records = []
-    if not Path(path).is_file():
-        return records
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-    return records
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def is_residual_site(site: str) -> bool:
@@ -48,19 +25,19 @@ def kurtosis_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     run logged no outlier metrics (metrics.every=0)."""
     last = None
     for rec in records:
-        if _finite(rec.get("of/kurtosis_max")) is not None:
+        if finite_number(rec.get("of/kurtosis_max")) is not None:
             last = rec
     if last is None:
         return None
     per_site = {
         k.split("/", 2)[2]: v
         for k, v in last.items()
-        if k.startswith("of/kurtosis/") and _finite(v) is not None
+        if k.startswith("of/kurtosis/") and finite_number(v) is not None
     }
     mmr = [
         float(v)
         for k, v in last.items()
-        if k.startswith("of/mmr/") and is_residual_site(k[7:]) and _finite(v) is not None
+        if k.startswith("of/mmr/") and is_residual_site(k[7:]) and finite_number(v) is not None
     ]
     return {
         "step": int(last["step"]),
