@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ofs_scale.config import Config, OptimConfig
+from ofs_scale.parallel.plan import stage_param_shapes
 
 GIB = 1024**3
 F32 = 4
@@ -61,45 +62,6 @@ class Plan:
 
     def total(self, checkpointing: bool) -> int:
         return self.static_bytes + (self.act_ckpt_bytes if checkpointing else self.act_bytes)
-
-
-def stage_param_shapes(cfg: Config, vocab_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """(name, shape on one TP rank) of every parameter, per pipeline stage."""
-    import torch.distributed as dist
-
-    from ofs_scale.model import meta_model
-    from ofs_scale.model.layers import is_tp_sharded, padded_vocab_size, tp_partition_dim
-    from ofs_scale.parallel.mesh import init_mesh
-    from ofs_scale.parallel.plan import layer_chunks
-
-    if not dist.is_initialized():
-        init_mesh(1, 1)
-    if dist.get_world_size() != 1:
-        raise RuntimeError("the memory planner runs in a single process (python tools/plan.py)")
-    p = cfg.parallel
-    model = meta_model(cfg, vocab_size, dist.group.WORLD)
-    owner = {}
-    for c, ids in enumerate(layer_chunks(cfg.model.n_layers, p.pp * p.virtual_stages)):
-        for i in ids:
-            owner[i] = c % p.pp
-    stages: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(p.pp)]
-    vocab_tp = padded_vocab_size(vocab_size, p.tp)
-    for name, t in model.named_parameters():
-        if name.startswith("layers."):
-            stage = owner[int(name.split(".")[1])]
-        elif name.startswith(("head", "final_norm")):
-            stage = p.pp - 1
-        else:
-            stage = 0
-        shape = list(t.shape)
-        if is_tp_sharded(t):
-            dim = tp_partition_dim(t)
-            if shape[dim] == model.vocab_size:
-                shape[dim] = vocab_tp // p.tp
-            else:
-                shape[dim] //= p.tp
-        stages[stage].append((name, tuple(shape)))
-    return stages
 
 
 def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig) -> int:

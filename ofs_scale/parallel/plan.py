@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
 from ofs_scale.config import Config
-from ofs_scale.model.layers import is_tp_sharded
 
 
 def layer_chunks(n_layers: int, num_chunks: int) -> list[list[int]]:
@@ -23,25 +24,26 @@ def rank_chunks(n_layers: int, pp: int, virtual_stages: int, pp_rank: int) -> li
     return [pp_rank + v * pp for v in range(virtual_stages)]
 
 
-def per_rank_param_counts(cfg: Config, vocab_size: int) -> list[int]:
-    """Parameters held by one rank of each pipeline stage (all TP ranks hold the same count),
-    from the model built on the meta device."""
+def stage_param_shapes(cfg: Config, vocab_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """(name, shape on one TP rank) of every parameter, per pipeline stage."""
     import torch.distributed as dist
 
     from ofs_scale.model import meta_model
+    from ofs_scale.model.layers import is_tp_sharded, padded_vocab_size, tp_partition_dim
     from ofs_scale.parallel.mesh import init_mesh
 
     if not dist.is_initialized():
         init_mesh(1, 1)
-    model = meta_model(cfg, vocab_size, dist.group.WORLD)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("the memory planner runs in a single process (python tools/plan.py)")
     p = cfg.parallel
-    chunks = layer_chunks(cfg.model.n_layers, p.pp * p.virtual_stages)
+    model = meta_model(cfg, vocab_size, dist.group.WORLD)
     owner = {}
-    for c, ids in enumerate(chunks):
+    for c, ids in enumerate(layer_chunks(cfg.model.n_layers, p.pp * p.virtual_stages)):
         for i in ids:
             owner[i] = c % p.pp
-    counts = [0] * p.pp
-    vocab_padded = model.vocab_size
+    stages: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(p.pp)]
+    vocab_tp = padded_vocab_size(vocab_size, p.tp)
     for name, t in model.named_parameters():
         if name.startswith("layers."):
             stage = owner[int(name.split(".")[1])]
@@ -49,14 +51,19 @@ def per_rank_param_counts(cfg: Config, vocab_size: int) -> list[int]:
             stage = p.pp - 1
         else:
             stage = 0
-        n = t.numel()
+        shape = list(t.shape)
         if is_tp_sharded(t):
-            # vocab rows are padded to a multiple of tp; other sharded dims divide exactly
-            if t.shape[0] == vocab_padded:
-                from ofs_scale.model.layers import padded_vocab_size
-
-                n = n // vocab_padded * padded_vocab_size(vocab_size, p.tp) // p.tp
+            dim = tp_partition_dim(t)
+            if shape[dim] == model.vocab_size:
+                shape[dim] = vocab_tp // p.tp
             else:
-                n //= p.tp
-        counts[stage] += n
-    return counts
+                shape[dim] //= p.tp
+        stages[stage].append((name, tuple(shape)))
+    return stages
+
+
+def per_rank_param_counts(cfg: Config, vocab_size: int) -> list[int]:
+    """Parameters held by one rank of each pipeline stage (all TP ranks hold the same count)."""
+    return [
+        sum(math.prod(shape) for _, shape in stage) for stage in stage_param_shapes(cfg, vocab_size)
+    ]
