@@ -87,7 +87,7 @@ def _is_complete(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file()
 
 
-def _truncation_problem(path: Path) -> str | None:
+def truncation_problem(path: Path) -> str | None:
     """A reason why the checkpoint at `path` is unusable, or None (checks sizes, not contents)."""
     try:
         meta = json.loads((path / META).read_text())
@@ -108,7 +108,7 @@ def _truncation_problem(path: Path) -> str | None:
     return None
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path) -> None:
     """Move a fully written checkpoint into place (replacing one of the same name)."""
     old = final.with_name(final.name + ".old")
     if final.exists():
@@ -118,7 +118,7 @@ def _commit(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -149,19 +149,19 @@ class CheckpointManager:
         dcp.save(state, checkpoint_id=str(tmp))
         dist.barrier()
         if self._rank0():
-            meta = {"step": step, "name": name, "time": time.time(), "layout": self._layout()}
-            _write_atomic(tmp / META, json.dumps(meta))
-            _commit(tmp, final)
-            _write_atomic(self.root / LATEST, name + "\n")
-            self._prune()
+            meta = {"step": step, "name": name, "time": time.time(), "layout": self.layout()}
+            write_atomic(tmp / META, json.dumps(meta))
+            commit_dir(tmp, final)
+            write_atomic(self.root / LATEST, name + "\n")
+            self.prune()
         dist.barrier()
         return final
 
-    def _layout(self) -> dict[str, int]:
+    def layout(self) -> dict[str, int]:
         m = self.mesh
         return {"tp": m.tp, "pp": m.pp, "dp": m.dp, "world": m.world_size}
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         periodic = sorted(p for p in self.root.glob("step_*") if p.is_dir() and _is_complete(p))
         for p in periodic[: max(0, len(periodic) - self.keep)]:
             shutil.rmtree(p, ignore_errors=True)
@@ -199,7 +199,7 @@ class CheckpointManager:
         box = [cands]
         dist.broadcast_object_list(box, src=0)
         for path in box[0]:
-            problem = [_truncation_problem(path) if self._rank0() else None]
+            problem = [truncation_problem(path) if self._rank0() else None]
             dist.broadcast_object_list(problem, src=0)
             if problem[0] is None:
                 try:
@@ -215,7 +215,7 @@ class CheckpointManager:
         """Load checkpoint `path` into `state` in place, or raise CheckpointError."""
         path = Path(path)
         problem = None if _is_complete(path) else "not a complete checkpoint"
-        problem = problem or _truncation_problem(path)
+        problem = problem or truncation_problem(path)
         if problem:
             raise CheckpointError(f"{path}: {problem}; pick another checkpoint directory")
         dcp.load(state, checkpoint_id=str(path))

@@ -34,10 +34,10 @@ from ofs_scale.checkpoint import (
     META,
     CheckpointError,
     CheckpointManager,
-    _commit,
-    _truncation_problem,
-    _write_atomic,
+    commit_dir,
     training_state,
+    truncation_problem,
+    write_atomic,
 )
 from ofs_scale.config import Config
 from ofs_scale.engine import Batch, LocalEngine
@@ -284,21 +284,21 @@ class DeepSpeedCheckpoints:
                 "step": step,
                 "name": name,
                 "time": time.time(),
-                "layout": self.manager._layout(),
+                "layout": self.manager.layout(),
                 "engine": "deepspeed",
                 "zero_stage": self.engine.cfg.train.zero_stage,
                 "dtype": self.engine.cfg.train.dtype,
             }
-            _write_atomic(tmp / META, json.dumps(meta))
-            _commit(tmp, final)
-            _write_atomic(self.root / LATEST, name + "\n")
-            self.manager._prune()
+            write_atomic(tmp / META, json.dumps(meta))
+            commit_dir(tmp, final)
+            write_atomic(self.root / LATEST, name + "\n")
+            self.manager.prune()
         dist.barrier()
         return final
 
     def problem(self, path: Path) -> str | None:
         """Why `path` cannot resume this engine, or None (checked on rank 0)."""
-        problem = _truncation_problem(path)
+        problem = truncation_problem(path)
         if problem:
             return problem
         meta = json.loads((path / META).read_text())
@@ -307,7 +307,7 @@ class DeepSpeedCheckpoints:
                 "written by the native engine; resume it with train.engine=native, or start "
                 "a new run.out_dir for train.engine=deepspeed"
             )
-        layout, now = meta.get("layout", {}), self.manager._layout()
+        layout, now = meta.get("layout", {}), self.manager.layout()
         if (layout.get("tp"), layout.get("dp")) != (now["tp"], now["dp"]):
             return (
                 f"written at tp={layout.get('tp')} dp={layout.get('dp')}; DeepSpeed ZeRO state "

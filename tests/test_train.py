@@ -73,7 +73,7 @@ def _killed_save(rank, overrides, tmp):
     def crash(tmp_dir, final):
         raise RuntimeError("simulated crash between write and rename")
 
-    ckpt_mod._commit, orig = crash, ckpt_mod._commit
+    ckpt_mod.commit_dir, orig = crash, ckpt_mod.commit_dir
     try:
         with torch.no_grad():
             for p in trainer.params:
@@ -82,7 +82,7 @@ def _killed_save(rank, overrides, tmp):
         with pytest.raises(RuntimeError, match="simulated crash"):
             trainer.save_checkpoint("step_000099")
     finally:
-        ckpt_mod._commit = orig
+        ckpt_mod.commit_dir = orig
     leftovers = sorted(p.name for p in (tmp / "checkpoints").iterdir())
     fresh = Trainer(cfg, callbacks=[])
     path = fresh.resume()
