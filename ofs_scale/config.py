@@ -204,7 +204,8 @@ class MetricsConfig:
     every: int = 10
     """Compute outlier-feature metrics every N steps (0: off)."""
     sites: list[str] = field(default_factory=lambda: ["all"])
-    """Sites to measure: `all`, or names such as `embed`, `block_03`, `mlp_03`, `final`."""
+    """Sites to measure: `all`, the groups `resid`, `mlp`, `attn`, or names such as `embed`,
+    `block_03`, `mlp_03`, `attn_03`, `final`."""
     cmd: CmdConfig = field(default_factory=CmdConfig)
     """Correlation mode decomposition trajectory sampling."""
 
