@@ -34,9 +34,6 @@ cd "${OFS_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
 
 export CONFIG="${CONFIG:-configs/op7b.yaml}"
 export NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
-export PYTHON="${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}"
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
 
 # NCCL: surface errors as exceptions instead of hangs; one CUDA work queue keeps TP
 # communication ordered with compute; everything can be overridden from the submitting shell.
@@ -46,15 +43,6 @@ export TORCH_NCCL_BLOCKING_WAIT="${TORCH_NCCL_BLOCKING_WAIT:-0}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
-echo "[op7b.sh] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:" \
-  "$SLURM_NNODES x $NPROC_PER_NODE ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, $CONFIG $*"
-
-# torchrun ignores USR1 (its default action would kill it and orphan the ranks); the ranks
-# install their own handler.
-# shellcheck disable=SC2086
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
-  trap "" USR1
-  exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" --max_restarts=0 \
-    --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-    -m ofs_scale.train --config "$CONFIG" "$@"' bash ${OVERRIDES:-} "$@"
+export LAUNCH_NAME=op7b.sh
+# shellcheck source=slurm/torchrun.sh
+source slurm/torchrun.sh "$@"
