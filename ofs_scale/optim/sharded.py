@@ -16,10 +16,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ofs_scale.config import OptimConfig
+from ofs_scale.parallel.grads import buckets
 from ofs_scale.parallel.mesh import Mesh
-
-# Broadcast buckets hold at most this many elements (the same bound as the gradient buckets).
-BUCKET_ELEMS = 1 << 24
 
 CostFn = Callable[[tuple[int, ...], OptimConfig], float]
 
@@ -108,19 +106,8 @@ class ShardedOptimizer:
 
     def _broadcast(self, params: list[torch.Tensor], rank: int) -> None:
         mine = rank == self.mesh.dp_rank
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for tensors in by_dtype.values():
-            bucket: list[torch.Tensor] = []
-            size = 0
-            for t in [*tensors, None]:
-                if t is not None:
-                    bucket.append(t)
-                    size += t.numel()
-                if bucket and (t is None or size >= BUCKET_ELEMS):
-                    self._broadcast_bucket(bucket, size, rank, mine)
-                    bucket, size = [], 0
+        for bucket in buckets(params):
+            self._broadcast_bucket(bucket, sum(t.numel() for t in bucket), rank, mine)
 
     def _broadcast_bucket(
         self, bucket: list[torch.Tensor], size: int, rank: int, mine: bool

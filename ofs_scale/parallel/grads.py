@@ -9,27 +9,38 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ofs_scale.model.layers import is_tp_sharded
 from ofs_scale.parallel.mesh import Mesh
 
-_BUCKET_ELEMS = 1 << 24
+BUCKET_ELEMS = 1 << 24
+
+
+def buckets(tensors: list[torch.Tensor], max_elems: int = BUCKET_ELEMS):
+    """Consecutive runs of same-dtype tensors of about `max_elems` elements, to be flattened
+    into one buffer per collective call."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in group:
+            bucket.append(t)
+            size += t.numel()
+            if size >= max_elems:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
 
 
 def average_across_dp(params: list[torch.Tensor], mesh: Mesh) -> None:
     """Average gradients over the data-parallel group, in flat buckets."""
     if mesh.dp == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in [*grads, None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= _BUCKET_ELEMS):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=mesh.dp_group)
-            flat /= mesh.dp
-            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                dst.copy_(src)
-            bucket, size = [], 0
+    for bucket in buckets([p.grad for p in params if p.grad is not None]):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=mesh.dp_group)
+        flat /= mesh.dp
+        for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            dst.copy_(src)
 
 
 def global_grad_norm(params: list[torch.Tensor], mesh: Mesh) -> torch.Tensor:
