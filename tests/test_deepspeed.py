@@ -16,7 +16,7 @@ import torch
 
 from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.config import ConfigError, load_config
-from tests.conftest import tiny_overrides
+from tests.conftest import assert_weights_close, tiny_overrides
 from tests.harness import run_distributed
 
 # Before DeepSpeed is imported: its accelerator is chosen once, at first use.
@@ -124,8 +124,7 @@ def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
     assert native[-1] < native[0]
     for stage in (1, 2):
         torch.testing.assert_close(torch.tensor(r[f"zero{stage}"]), native, rtol=1e-5, atol=0)
-        for n, p in r["native_params"].items():
-            torch.testing.assert_close(r[f"zero{stage}_params"][n], p, rtol=1e-5, atol=1e-6)
+        assert_weights_close(r[f"zero{stage}_params"], r["native_params"], lr=1e-3)
         for other in ranks[1:]:  # every DP rank holds the same weights after the all-gather
             for n, p in r[f"zero{stage}_params"].items():
                 torch.testing.assert_close(other[f"zero{stage}_params"][n], p, rtol=0, atol=0)
