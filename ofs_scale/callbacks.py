@@ -33,6 +33,15 @@ class Callback:
         """Rows this callback adds to the end-of-run summary table."""
         return {}
 
+    def shard_state(self, trainer: Trainer) -> dict[str, Any] | None:
+        """State to checkpoint with the model: the same on every DP replica, this rank's
+        (pp, tp) shard of it (tensors, numbers, lists). None: nothing to save."""
+        return None
+
+    def load_shard_state(self, trainer: Trainer, state: dict[str, Any] | None) -> None:
+        """Called on resume, before on_train_start, with what shard_state returned when the
+        checkpoint was written, or None when the checkpoint has none usable."""
+
 
 class CheckpointCallback(Callback):
     """Periodic checkpoints every `checkpoint.every` steps and one at the end of every stage."""

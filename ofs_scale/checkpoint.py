@@ -4,6 +4,7 @@ Layout under the checkpoint directory:
     step_000040/      periodic (the newest `checkpoint.keep` are kept)
     stage_warmup/     end of a stage (kept forever)
     latest            name of the newest complete checkpoint
+    <name>/shards/    per-(pp, tp) shard state of callbacks (online CMD), written by DP rank 0
     .tmp-*/           a save in progress (ignored and removed on the next save)
 
 A save writes into `.tmp-<name>`, adds `ofs_meta.json` once every rank has written, renames the
@@ -32,6 +33,7 @@ from ofs_scale.parallel.mesh import Mesh
 
 META = "ofs_meta.json"
 LATEST = "latest"
+SHARDS = "shards"
 
 
 class CheckpointError(RuntimeError):
@@ -138,8 +140,11 @@ class CheckpointManager:
     def _rank0(self) -> bool:
         return self.mesh.rank == 0
 
-    def save(self, name: str, state: dict[str, Any], step: int) -> Path:
-        """Write `state` as checkpoint `name` atomically; returns its final path."""
+    def save(
+        self, name: str, state: dict[str, Any], step: int, shards: dict[str, Any] | None = None
+    ) -> Path:
+        """Write `state` (and `shards`, see save_shard_state) as checkpoint `name` atomically;
+        returns its final path."""
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
         if self._rank0():
@@ -147,6 +152,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         dcp.save(state, checkpoint_id=str(tmp))
+        save_shard_state(tmp, self.mesh, shards or {})
         dist.barrier()
         if self._rank0():
             meta = {"step": step, "name": name, "time": time.time(), "layout": self.layout()}
@@ -219,6 +225,40 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"{path}: {problem}; pick another checkpoint directory")
         dcp.load(state, checkpoint_id=str(path))
+
+
+def _shard_file(path: Path, mesh: Mesh) -> Path:
+    return path / SHARDS / f"pp{mesh.pp_rank}_tp{mesh.tp_rank}.pt"
+
+
+def save_shard_state(tmp: Path, mesh: Mesh, state: dict[str, Any]) -> None:
+    """Write state that is the same on every DP replica but differs between (pp, tp) shards
+    (plain tensors, numbers, lists) into a checkpoint being written; DP rank 0 writes it."""
+    if state and mesh.dp_rank == 0:
+        f = _shard_file(tmp, mesh)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, f)
+
+
+def load_shard_state(path: str | Path, mesh: Mesh) -> tuple[dict[str, Any], str | None]:
+    """(this rank's shard state of checkpoint `path`, None), or ({}, why it is not usable):
+    shard state only resumes on the same tp and pp sizes."""
+    path = Path(path)
+    if not (path / SHARDS).is_dir():
+        return {}, None
+    layout = read_meta(path).get("layout", {})
+    if (layout.get("tp"), layout.get("pp")) != (mesh.tp, mesh.pp):
+        return {}, (
+            f"written at tp={layout.get('tp')} pp={layout.get('pp')}, this run has "
+            f"tp={mesh.tp} pp={mesh.pp}"
+        )
+    f = _shard_file(path, mesh)
+    if not f.is_file():
+        return {}, f"{f} is missing"
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True), None
+    except Exception as e:
+        return {}, f"{f} unreadable ({type(e).__name__}: {str(e)[:200]})"
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from ofs_scale.checkpoint import (
     CheckpointError,
     CheckpointManager,
     commit_dir,
+    save_shard_state,
     training_state,
     truncation_problem,
     write_atomic,
@@ -236,10 +237,11 @@ class DeepSpeedEngine:
         return state
 
     def save_checkpoint(
-        self, manager: CheckpointManager, name: str, state: dict, step: int
+        self, manager: CheckpointManager, name: str, state: dict, step: int, shards: dict
     ) -> Path:
-        """DeepSpeed's own save plus the DCP state, committed atomically as `<root>/<name>`."""
-        return DeepSpeedCheckpoints(manager, self).save(name, state, step)
+        """DeepSpeed's own save plus the DCP state and callbacks' shard state, committed
+        atomically as `<root>/<name>`."""
+        return DeepSpeedCheckpoints(manager, self).save(name, state, step, shards)
 
     def load_latest(self, manager: CheckpointManager, state: dict, log=print) -> Path | None:
         """Resume from the newest usable checkpoint (DeepSpeed files and DCP `extra`)."""
@@ -268,7 +270,7 @@ class DeepSpeedCheckpoints:
         self.mesh = manager.mesh
         self.root = manager.root
 
-    def save(self, name: str, state: dict[str, Any], step: int) -> Path:
+    def save(self, name: str, state: dict[str, Any], step: int, shards: dict[str, Any]) -> Path:
         """Write checkpoint `name` (collective); returns its final path."""
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         rank0 = self.mesh.rank == 0
@@ -278,6 +280,7 @@ class DeepSpeedCheckpoints:
         dist.barrier()
         self.engine.ds.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
         dcp.save(state, checkpoint_id=str(tmp))
+        save_shard_state(tmp, self.mesh, shards)
         dist.barrier()
         if rank0:
             meta = {

@@ -140,7 +140,7 @@ def run_missing_quant(points: list[dict[str, Any]]) -> None:
         run_dir = p["out_dir"]
         if (run_dir / "quant.json").is_file() or not (run_dir / "checkpoints").is_dir():
             continue
-        console.print(f"[quant] evaluating {run_dir}")
+        console.print(f"[quant] evaluating {run_dir}", markup=False)
         subprocess.run(quant_command(run_dir), check=False)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ofs_scale.callbacks import Callback, CheckpointCallback
-from ofs_scale.checkpoint import CheckpointManager, training_state
+from ofs_scale.checkpoint import CheckpointManager, load_shard_state, training_state
 from ofs_scale.config import Config, ConfigError, check_world, dump_yaml, load_config
 from ofs_scale.data import (
     BatchSampler,
@@ -136,9 +136,13 @@ class Trainer:
         return training_state(self.engine.state_module, self.optimizer, extra, self.mesh)
 
     def save_checkpoint(self, name: str) -> Path:
+        shards = {}
+        for cb in self.callbacks:
+            if (st := cb.shard_state(self)) is not None:
+                shards[type(cb).__name__] = st
         if self.deepspeed:
-            return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step)
-        return self.ckpt.save(name, self.state(), self.step)
+            return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
+        return self.ckpt.save(name, self.state(), self.step, shards)
 
     def resume(self) -> Path | None:
         """Load the newest usable checkpoint of this run, if any."""
@@ -155,12 +159,18 @@ class Trainer:
         self.bad_streak = int(extra["bad_streak"])
         self.sampler.load_state_dict(extra["sampler"])
         torch.set_rng_state(extra["rng"])
+        shards, problem = load_shard_state(path, self.mesh)
+        if problem:
+            self.log(f"[checkpoint] {path}: callback state not restored ({problem})")
+        for cb in self.callbacks:
+            cb.load_shard_state(self, shards.get(type(cb).__name__))
         self.log(f"resumed from {path} at step {self.step}")
         return path
 
     def log(self, msg: str) -> None:
+        """A plain message from the logging rank (`[tag]` prefixes and paths stay as written)."""
         if self.mesh.is_logging_rank:
-            console.print(msg)
+            console.print(msg, markup=False, highlight=False)
 
     # -- loop ------------------------------------------------------------------------------
 

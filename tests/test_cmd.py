@@ -1,5 +1,5 @@
 """CMD: synthetic modes are recovered, incremental a/b equal the batch fit, the online callback
-is correct under DP=2 and TP=2, and the CLI writes its report and plot."""
+is correct under DP=2 and TP=2 and resumes exactly, and the CLI writes its report and plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ofs_scale.callbacks import Callback
+from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.cmd import main as cmd_main
 from ofs_scale.config import load_config
 from ofs_scale.metrics.cmd import (
@@ -233,3 +233,42 @@ def test_online_cmd_dp2_tp2(dp1_run, tiny_corpus, cache_dir, tmp_path):
     assert dp2_r0["val_loss_cmd"] == pytest.approx(one["val_loss_cmd"], rel=1e-4)
     np.testing.assert_allclose(dp2_r0["rel_error"][1:], one["rel_error"][1:], rtol=1e-3)
     assert dp2_r0["ranks"] == [0] and tp2_r0["ranks"] == [0, 1]  # TP: both ranks' shards
+
+
+def _stages(n: int) -> str:
+    names = ["a", "b", "c"][:n]
+    return "train.stages=[" + ", ".join(f"{{name: {x}, steps: 2}}" for x in names) + "]"
+
+
+def _resumes(rank: int, base: list[str], tmp) -> dict:
+    """6 steps straight; stopped at step 2 (mid warm-up) and 4 (after the freeze) and resumed;
+    and resumed from a step-2 checkpoint whose CMD state was lost."""
+    out = {}
+    for name, parts in (("straight", [3]), ("resumed", [1, 2, 3]), ("lost", [1, 3])):
+        rel, evals = {}, {}
+        for n in parts:
+            traj = Trajectories()
+            cfg = load_config(None, [*base, _stages(n), f"run.out_dir={tmp}/{name}"])
+            Trainer(cfg, callbacks=[traj, CmdCallback(), CheckpointCallback()]).fit()
+            rel.update({r["step"]: r.get("cmd/rel_error") for r in traj.records})
+            evals.update({e["step"]: e.get("val_loss_cmd") for e in traj.evals})
+            shards = tmp / name / "checkpoints/stage_a/shards"
+            if name == "lost" and n == 1 and rank == 0:
+                assert (shards / "pp0_tp0.pt").is_file()
+                for f in shards.iterdir():
+                    f.unlink()
+            dist.barrier()
+        out[name] = (rel, evals)
+    return out
+
+
+def test_online_cmd_resumes_exactly(tiny_corpus, cache_dir, tmp_path):
+    base = [*_base(tiny_corpus, cache_dir, tmp_path), "metrics.cmd.warmup=4"]
+    for r in run_distributed(_resumes, 2, base, tmp_path):  # DP=2: rank 1 reads rank 0's file
+        (rel, evals), (rel2, evals2) = r["straight"], r["resumed"]
+        assert rel == rel2 and evals == evals2
+        assert rel[2] is None and rel[3] is not None and evals[6] is not None
+        # the state was lost: the warm-up restarts with records at steps 3-6 and freezes at 6
+        rel3, evals3 = r["lost"]
+        assert [rel3[s] for s in (2, 3, 4, 5)] == [None] * 4
+        assert rel3[6] is not None and rel3[6] != rel[6] and evals3[6] is not None

@@ -20,6 +20,7 @@ Shapes: K sampled weights, N weights of a tensor, T records, M modes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,6 +193,18 @@ class IncrementalAffine:
         self.count = T1
         self.sum_r += rs_M
         self.sum_rr += rs_M * rs_M
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("labels", "shift", "a", "b", "sum_r", "sum_rr")
+        return {"count": self.count, **{k: getattr(self, k).cpu() for k in keys}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> IncrementalAffine:
+        fit = cls(state["labels"].to(device), state["shift"].to(device), state["a"].dtype)
+        fit.count = int(state["count"])
+        for k in ("a", "b", "sum_r", "sum_rr"):
+            getattr(fit, k).copy_(state[k])
+        return fit
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) against the unshifted reference: w ~ a r + b."""

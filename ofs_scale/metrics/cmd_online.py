@@ -16,8 +16,11 @@ the sampled trajectories (identical on every rank), every local weight is assign
 its a, b are fitted over the window; every later record updates a, b incrementally (2 numbers per
 weight, plus the M reference values per record). Each record logs `cmd/rel_error`, the relative
 error of the reconstruction of all current weights; each evaluation also evaluates the
-reconstructed weights, `val_loss_cmd`, beside the raw ones (like an EMA comparison). A resumed
-run restarts the warm-up.
+reconstructed weights, `val_loss_cmd`, beside the raw ones (like an EMA comparison).
+
+Checkpoints carry the online state (the warm-up window, or the modes, references and every
+weight's a, b) as shard state, so a resumed run continues exactly. It restarts the warm-up
+instead, with a message, when the layout changed (other sampled columns) or the state is missing.
 """
 
 from __future__ import annotations
@@ -137,6 +140,22 @@ class CmdCallback(Callback):
         self.sampled: list[torch.Tensor] = []
         self.refs: torch.Tensor | None = None
         self.fits: list[IncrementalAffine] = []
+        self.restored: dict[str, Any] | None = None
+
+    def shard_state(self, trainer: Trainer) -> dict[str, Any] | None:
+        if not trainer.cfg.metrics.cmd.online or self.sampler is None:
+            return None
+        state: dict[str, Any] = {"columns": json.dumps(self.sampler.columns)}
+        if self.refs is None:
+            state["sampled"] = [v.cpu() for v in self.sampled]
+            state["window"] = [torch.stack(w) for w in zip(*self.window)] if self.window else []
+        else:
+            state["refs"] = self.refs.cpu()
+            state["fits"] = [fit.state_dict() for fit in self.fits]
+        return state
+
+    def load_shard_state(self, trainer: Trainer, state: dict[str, Any] | None) -> None:
+        self.restored = state
 
     def on_train_start(self, trainer: Trainer) -> None:
         c = trainer.cfg.metrics.cmd
@@ -145,8 +164,31 @@ class CmdCallback(Callback):
             self.file = TrajectoryFile(trainer.out_dir / "cmd")
             self.file.start(self.sampler.columns, trainer.step)
         self.window, self.sampled, self.refs, self.fits = [], [], None, []
+        if c.online and trainer.step > 0:
+            self._restore(trainer)
         if trainer.step == 0:
             self._record(trainer, 0, {})
+
+    def _restore(self, trainer: Trainer) -> None:
+        """Continue the online state of the resumed checkpoint, on every rank or on none."""
+        st, self.restored = self.restored, None
+        ok = st is not None and json.loads(st["columns"]) == self.sampler.columns
+        flag = torch.tensor([int(ok)], device=trainer.mesh.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            trainer.log(
+                "[cmd] the checkpoint's online CMD state is missing or from another layout: "
+                "the warm-up restarts"
+            )
+            return
+        dev = trainer.mesh.device
+        if "refs" in st:
+            self.refs = st["refs"].to(dev)
+            self.fits = [IncrementalAffine.from_state(f, dev) for f in st["fits"]]
+        else:
+            self.sampled = list(st["sampled"])
+            self.window = [list(rows) for rows in zip(*st["window"])] if st["window"] else []
 
     def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
         if step % trainer.cfg.metrics.cmd.every == 0:
