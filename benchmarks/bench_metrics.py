@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-import warnings
 
 import torch
+from common import parse, smoke_config
 
-from ofs_scale.config import load_config
 from ofs_scale.metrics.callback import MetricsCallback
 from ofs_scale.train import Trainer
 
@@ -65,26 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_metrics.py")
     parser.add_argument("--rounds", type=int, default=6, help="pairs of rounds (on / off)")
     parser.add_argument("--every", type=int, default=10, help="metrics.every")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser, argv)
     every = args.every
-    steps = 2 * every * (args.rounds + 1)
-    cfg = load_config(
-        "configs/smoke.yaml",
-        [
-            f"run.out_dir={tempfile.mkdtemp()}",
-            "logging.wandb=disabled",
-            "logging.progress=false",
-            f"metrics.every={every}",
-            "train.eval_every=0",
-            f"train.stages=[{{name: main, steps: {steps}, lr_schedule: constant}}]",
-            *args.overrides,
-        ],
-    )
+    cfg = smoke_config(2 * every * (args.rounds + 1), f"metrics.every={every}", *args.overrides)
     trainer = Trainer(cfg, callbacks=[])
     metrics = MetricsCallback(plots=False)
     metrics.on_train_start(trainer)

@@ -119,6 +119,12 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     # 6 N FLOPs per token dominate; the step time follows from the MFU
     assert p.flops_per_token == pytest.approx(6 * p.total_params, rel=0.1)
     assert math.isclose(p.step_time_s * 64 * 989e12 * 0.4, p.flops_per_token * 512 * 2048)
+    # between the two totals: checkpointing is needed, and a config that turns it on fits
+    mem = str(4 + (p.total(True) + p.total(False)) / 2 / 2**30)
+    assert tool.main([op7b, "--gpus", "64", "--gpu-mem", mem]) == tool.NEEDS_CHECKPOINTING
+    assert "train.activation_checkpointing=true" in capsys.readouterr().out
+    on = "train.activation_checkpointing=true"
+    assert tool.main([op7b, on, "--gpus", "64", "--gpu-mem", mem]) == tool.FITS
     assert tool.main([op7b, "--gpus", "8", "--gpu-mem", "24"]) == tool.DOES_NOT_FIT
     assert "does not fit" in capsys.readouterr().out
     # 48 GPUs: dp=6 does not divide the global batch of 512

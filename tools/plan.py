@@ -4,8 +4,9 @@
 
 Prints per-GPU bytes for parameters, gradients, optimizer state (SOAP/Shampoo factors and bases
 included, ZeRO-1 sharding applied), activations with and without activation checkpointing, FLOPs
-per token and the step time at the given MFU. Exit status 0: fits without checkpointing;
-3: fits only with activation checkpointing; 4: does not fit (with what to change).
+per token and the step time at the given MFU. Exit status 0: fits (with activation
+checkpointing when the config has train.activation_checkpointing on); 3: fits only with
+activation checkpointing, which the config leaves off; 4: does not fit (with what to change).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def _gib(n: float) -> str:
     return f"{n / GIB:8.2f} GiB"
 
 
-def report(p: Plan, gpu_mem_gib: float, reserve_gib: float) -> int:
-    """Print the plan table and verdict; return the exit status."""
+def report(p: Plan, gpu_mem_gib: float, reserve_gib: float, checkpointing: bool = False) -> int:
+    """Print the plan table and verdict (`checkpointing`: the config turns it on); return the
+    exit status."""
     table = Table(title=f"{p.gpus} GPUs: tp={p.tp} pp={p.pp} dp={p.dp} (fullest GPU)")
     table.add_column("item")
     table.add_column("per GPU", justify="right")
@@ -58,7 +60,13 @@ def report(p: Plan, gpu_mem_gib: float, reserve_gib: float) -> int:
         console.print("[green]fits[/green] without activation checkpointing")
         return FITS
     if p.total(True) <= budget:
-        console.print("[yellow]fits only with activation checkpointing[/yellow]")
+        if checkpointing:
+            console.print("[green]fits[/green] with activation checkpointing (on in the config)")
+            return FITS
+        console.print(
+            "[yellow]fits only with activation checkpointing[/yellow]: "
+            "set train.activation_checkpointing=true"
+        )
         return NEEDS_CHECKPOINTING
     console.print(
         f"[red]does not fit[/red]: {_gib(p.total(True))} needed with checkpointing, "
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    return report(p, args.gpu_mem, args.reserve)
+    return report(p, args.gpu_mem, args.reserve, cfg.train.activation_checkpointing)
 
 
 if __name__ == "__main__":

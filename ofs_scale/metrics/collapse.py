@@ -26,6 +26,7 @@ from torch import nn
 
 from ofs_scale.callbacks import Callback
 from ofs_scale.model.batchless import pop_aux_losses
+from ofs_scale.model.recompute import recomputing
 
 if TYPE_CHECKING:
     from ofs_scale.config import Config
@@ -64,7 +65,7 @@ class CollapseCallback(Callback):
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if layer not in self.alive and torch.is_grad_enabled():
+            if layer not in self.alive and torch.is_grad_enabled() and not recomputing():
                 self.alive[layer] = alive_units(output)
 
         return hook

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ofs_scale.metrics import stats
+from ofs_scale.model.recompute import recomputing
 from ofs_scale.parallel.mesh import Mesh
 
 RESID, MLP, ATTN = "resid", "mlp", "attn"
@@ -166,7 +167,7 @@ class Collector:
     def _hook(self, site: Site):
         def hook(module: nn.Module, inputs, output) -> None:
             x = output[0] if isinstance(output, tuple) else output
-            if x.device.type == "meta":  # shape inference on meta tensors: not a real pass
+            if x.device.type == "meta" or recomputing():  # shape inference, or a recompute
                 return
             calls = self.calls[site.name] = self.calls.get(site.name, 0) + 1
             if calls > KEPT_CALLS:

@@ -19,6 +19,7 @@ def build_model(cfg: Config, mesh: Mesh, vocab_size: int, **chunk) -> GPT:
     layers = ParallelLayers(mesh.tp_group, dp_group=mesh.dp_group)
     vocab = padded_vocab_size(vocab_size, mesh.tp)
     model = GPT(cfg.model, vocab, cfg.data.seq_len, layers, seed=cfg.run.seed, **chunk)
+    model.recompute = cfg.train.activation_checkpointing
     # Batchless aux gradients follow the task loss's micro-batch scaling: the local engine
     # divides each micro-batch loss by their number, the pipeline schedule divides gradients
     # afterwards (see model/batchless.py).

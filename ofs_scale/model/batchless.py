@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ofs_scale.model.recompute import recomputing
+
 
 class _BatchlessFn(torch.autograd.Function):
     """z = (x - mu) / exp(log_sigma); backward: task gradient to x only, aux gradient to
@@ -126,7 +128,8 @@ class BatchlessNorm(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = self.training and torch.is_grad_enabled()
+        # a recompute (activation checkpointing) repeats a forward already counted
+        training = self.training and torch.is_grad_enabled() and not recomputing()
         if training and self.data_init and not bool(self.initialized):
             self._init_from_data(x)
         z = _BatchlessFn.apply(x, self.mu, self.log_sigma, self.aux_scale)

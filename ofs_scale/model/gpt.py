@@ -19,6 +19,7 @@ from ofs_scale.config import ModelConfig
 from ofs_scale.model.blocks import MLP, Attention, Block, Tap, resolve_beta
 from ofs_scale.model.layers import ParallelLayers
 from ofs_scale.model.norms import build_norm
+from ofs_scale.model.recompute import checkpointed
 
 
 @contextlib.contextmanager
@@ -81,6 +82,7 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.factory = layers
         self.first, self.last = first, last
+        self.recompute = False  # activation checkpointing of every block (model/recompute.py)
         ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
         r = resolved(cfg)
         std = cfg.init_std
@@ -130,8 +132,9 @@ class GPT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             x = self.embed_tap(self.embed(x))
+        recompute = self.recompute and self.training and torch.is_grad_enabled()
         for block in self.layers.values():
-            x = block(x)
+            x = checkpointed(block, x) if recompute else block(x)
         if self.head is None:
             return x
         x = self.final_tap(x)

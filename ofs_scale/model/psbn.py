@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ofs_scale.model.recompute import recomputing
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over a group in forward; the adjoint (sum of the gradients) in backward."""
@@ -92,21 +94,26 @@ class PostShiftBatchNorm(nn.Module):
         var_D = all_reduce_sum((x_ND - mean_D).pow(2).sum(0), self.dp_group) / n
         return mean_D, var_D, n.detach()
 
+    @torch.no_grad()
+    def _track(self, mean_D: torch.Tensor, var_D: torch.Tensor, n: torch.Tensor) -> None:
+        """Move the running statistics towards this micro batch's."""
+        m = self.momentum
+        unbiased_D = var_D.detach() * (n / (n - 1).clamp_min(1.0))
+        new_mean_D = (1 - m) * self.running_mean + m * mean_D.detach()
+        new_var_D = (1 - m) * self.running_var + m * unbiased_D
+        # A forward on uninitialised memory (torch.distributed.pipelining's dynamic metadata
+        # inference runs one) can give non-finite statistics: keep them out of the running
+        # estimate, which evaluation relies on for the rest of the run.
+        ok_D = torch.isfinite(new_mean_D) & torch.isfinite(new_var_D)
+        self.running_mean.copy_(torch.where(ok_D, new_mean_D, self.running_mean))
+        self.running_var.copy_(torch.where(ok_D, new_var_D, self.running_var))
+        self.num_batches_tracked.add_(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             mean_D, var_D, n = self.batch_stats(x)
-            with torch.no_grad():
-                m = self.momentum
-                unbiased_D = var_D.detach() * (n / (n - 1).clamp_min(1.0))
-                new_mean_D = (1 - m) * self.running_mean + m * mean_D.detach()
-                new_var_D = (1 - m) * self.running_var + m * unbiased_D
-                # A forward on uninitialised memory (torch.distributed.pipelining's dynamic
-                # metadata inference runs one) can give non-finite statistics: keep them out of
-                # the running estimate, which evaluation relies on for the rest of the run.
-                ok_D = torch.isfinite(new_mean_D) & torch.isfinite(new_var_D)
-                self.running_mean.copy_(torch.where(ok_D, new_mean_D, self.running_mean))
-                self.running_var.copy_(torch.where(ok_D, new_var_D, self.running_var))
-                self.num_batches_tracked.add_(1)
+            if not recomputing():  # activation checkpointing: the first forward counted it
+                self._track(mean_D, var_D, n)
         else:
             mean_D, var_D = self.running_mean, self.running_var
         z = (x.to(mean_D.dtype) - mean_D) * torch.rsqrt(var_D + self.eps)
