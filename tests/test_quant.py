@@ -219,3 +219,43 @@ def test_tp2_and_dp2_equal_single_process(trained):
                     got_d = got[setting]["val_loss"] - got["fp"]["val_loss"]
                     want_d = want[setting]["val_loss"] - want["fp"]["val_loss"]
                     assert abs(got_d - want_d) <= 2e-5 + 0.02 * abs(want_d), (key, setting, tp)
+
+
+def _keep_output(module: torch.nn.Module, key: str, seen: dict) -> None:
+    module.register_forward_hook(lambda m, args, out: seen.__setitem__(key, out.detach()))
+
+
+def _residual_sums(rank, overrides) -> dict[str, bool]:
+    """Per block type: under scope all, the residual `h` inside a block is rounded once, and the
+    skip path and the MLP branch both read the rounded value."""
+    from ofs_scale.config import load_config
+    from ofs_scale.model import build_model
+    from ofs_scale.parallel.mesh import init_mesh
+    from ofs_scale.quant.sim import fake_quantized
+    from ofs_scale.quant.spec import QuantSpec
+
+    mesh, out = init_mesh(1, 1), {}
+    for kind in ("pre", "op"):
+        model = build_model(load_config(None, [*overrides, f"model.block={kind}"]), mesh, 512)
+        block = model.layers["0"]
+        seen: dict[str, torch.Tensor] = {}
+        # registered before the quantisation hooks: these see the values before rounding
+        for key, module in (("h", block.mid_tap), ("out", block), ("mlp", block.mlp)):
+            _keep_output(module, key, seen)
+        tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+        spec = QuantSpec(weights="none", acts="dynamic", scope="all")
+        with torch.no_grad(), fake_quantized([model], spec):
+            model(tokens)
+        h_q = fake_quant_dynamic(seen["h"], None)
+        beta = block.beta_mlp if kind == "op" else 1.0
+        out[kind] = {
+            "rounded": not torch.equal(h_q, seen["h"]),
+            "skip_reads_rounded": torch.allclose(seen["out"], h_q + beta * seen["mlp"], atol=1e-6),
+        }
+    return out
+
+
+def test_scope_all_rounds_the_residual_inside_blocks(tiny_corpus, cache_dir, tmp_path):
+    (out,) = run_distributed(_residual_sums, 1, tiny_overrides(tiny_corpus, cache_dir, tmp_path))
+    for kind in ("pre", "op"):
+        assert out[kind] == {"rounded": True, "skip_reads_rounded": True}, kind

@@ -141,6 +141,7 @@ class Block(nn.Module):
         self.kind = kind
         self.attn = attn
         self.mlp = mlp
+        self.mid_tap = Tap()  # h, the residual stream between attention and MLP (quant scope all)
         if kind == "op":
             if beta_trainable:
                 self.beta_attn = nn.Parameter(torch.tensor(float(beta)))
@@ -154,12 +155,12 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.kind == "pre":
-            h = x_BTD + self.attn(self.norm1(x_BTD))
+            h = self.mid_tap(x_BTD + self.attn(self.norm1(x_BTD)))
             return h + self.mlp(self.norm2(h))
         if self.kind == "post":
-            h = self.norm1(x_BTD + self.attn(x_BTD))
+            h = self.mid_tap(self.norm1(x_BTD + self.attn(x_BTD)))
             return self.norm2(h + self.mlp(h))
-        h = x_BTD + self.beta_attn * self.attn(x_BTD)
+        h = self.mid_tap(x_BTD + self.beta_attn * self.attn(x_BTD))
         return h + self.beta_mlp * self.mlp(h)
 
 

@@ -5,9 +5,11 @@ originals are copied back on exit. Activations are rounded by forward (pre-)hook
 
 * scope `linear`: the input of every linear layer (megatron-core Column/RowParallelLinear,
   including the unembedding unless `head=False`);
-* scope `all` adds the residual stream (the embedding output, every block output and the input of
-  every block/final norm, i.e. the residual sums as the norms see them) and the attention
-  probabilities, which need an explicit softmax (see `_QuantAttentionF`).
+* scope `all` adds the residual stream (the embedding output, every block output, the residual
+  `h` between attention and MLP inside every block, which both the skip path and the MLP branch
+  then read rounded, and the input of every norm) and the attention probabilities, which need an
+  explicit softmax (see `_QuantAttentionF`). Queries, keys and values entering the attention
+  matmuls stay in floating point.
 
 Static activation ranges come from `calibrate` (min-max, reduced over tensor- and data-parallel
 ranks so every layout quantises with the ranges of the single-process model).
@@ -60,7 +62,9 @@ def find_sites(chunks: list[nn.Module], scope: str, head: bool, tp_group: Group)
                 inputs.append((f"{name}:in", mod, tp_group if split else None))
             elif scope == "all" and leaf in ("norm1", "norm2", "final_norm"):
                 inputs.append((f"{name}:in", mod, None))
-            elif scope == "all" and (isinstance(mod, blocks.Block) or leaf == "embed_tap"):
+            elif scope == "all" and (
+                isinstance(mod, blocks.Block) or leaf in ("embed_tap", "mid_tap")
+            ):
                 outputs.append((f"{name}:out", mod))
     return Sites(linears, inputs, outputs)
 
