@@ -8,7 +8,7 @@ the same config (whose "on" figure adds the transient set of the one block being
 
     kept_mb_off=...  kept_mb_on=...  kept_ratio=<on/off>
     plan_mb_off=...  plan_mb_on=...  plan_ratio=<on/off>
-    step_ms_off=...  step_ms_on=...  step_time_ratio=<on/off>   (about 1.3: one more forward)
+    step_ms_off=...  step_ms_on=...  step_time_ratio=<on/off>   (one more forward of the blocks)
 
     python benchmarks/bench_recompute.py [--rounds 5] [--steps 4] [--threads N] [key=value ...]
 """

@@ -233,11 +233,26 @@ def _shard_file(path: Path, mesh: Mesh) -> Path:
 
 def save_shard_state(tmp: Path, mesh: Mesh, state: dict[str, Any]) -> None:
     """Write state that is the same on every DP replica but differs between (pp, tp) shards
-    (plain tensors, numbers, lists) into a checkpoint being written; DP rank 0 writes it."""
+    (plain tensors, numbers, lists) into a checkpoint being written; DP rank 0 writes it.
+    Collective: a failed write on any rank raises CheckpointError on every rank."""
+    error = ""
     if state and mesh.dp_rank == 0:
         f = _shard_file(tmp, mesh)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, f)
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with open(f, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            error = f"{f}: {e}"
+    failed = torch.tensor([float(bool(error))], device=mesh.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise CheckpointError(
+            f"writing callback state failed ({error or 'on another rank'}); the previous "
+            "checkpoint is intact; free disk space or fix permissions, then resume"
+        )
 
 
 def load_shard_state(path: str | Path, mesh: Mesh) -> tuple[dict[str, Any], str | None]:

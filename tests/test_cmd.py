@@ -126,7 +126,7 @@ def _online(rank: int, runs: list[list[str]]) -> list[dict]:
         names = [n for n, _ in trainer.named_params]
         for m, k in enumerate(refs.tolist()):
             c = cols[k]
-            if c["rank"] == dist.get_rank():
+            if c["tp"] == trainer.mesh.tp_rank and trainer.mesh.dp_rank == 0:
                 i = names.index(c["name"])
                 r_hist[m] = torch.stack([w[i][c["index"]] for w in traj.W])
         dist.all_reduce(r_hist)
@@ -173,7 +173,7 @@ def _online(rank: int, runs: list[list[str]]) -> list[dict]:
                 "worst_b": worst_b,
                 "same_refs": all(g == gathered[0] for g in gathered),
                 "W_KT": W_KT,
-                "ranks": sorted({c["rank"] for c in cols}),
+                "tp_ranks": sorted({c["tp"] for c in cols}),
             }
         )
     return out
@@ -232,7 +232,7 @@ def test_online_cmd_dp2_tp2(dp1_run, tiny_corpus, cache_dir, tmp_path):
     np.testing.assert_allclose(dp2_r0["W_KT"], one["W_KT"], rtol=1e-5, atol=1e-7)
     assert dp2_r0["val_loss_cmd"] == pytest.approx(one["val_loss_cmd"], rel=1e-4)
     np.testing.assert_allclose(dp2_r0["rel_error"][1:], one["rel_error"][1:], rtol=1e-3)
-    assert dp2_r0["ranks"] == [0] and tp2_r0["ranks"] == [0, 1]  # TP: both ranks' shards
+    assert dp2_r0["tp_ranks"] == [0] and tp2_r0["tp_ranks"] == [0, 1]  # TP: both ranks' shards
 
 
 def _stages(n: int) -> str:

@@ -86,6 +86,18 @@ def _kept(rank: int, overrides: list[str]) -> dict[tuple[int, bool], int]:
             model = build_model(cfg, mesh, 512)
             tokens = torch.randint(0, 512, (cfg.train.micro_batch, cfg.data.seq_len))
             kept[layers, on] = saved_activation_bytes(model.train(), partial(model, tokens))
+    # stateful norms count one checkpointed forward + backward (with its recompute) once
+    for norm in ("batchless", "psbn"):
+        over = [*overrides, f"model.norm={norm}", "train.activation_checkpointing=true"]
+        model = build_model(load_config(None, over), mesh, 512).train()
+        tokens = torch.randint(0, 512, (2, 16))
+        model(tokens).float().sum().backward()
+        counts = [
+            int(m.num_batches_tracked) if norm == "psbn" else m.pop_aux_loss()[1]
+            for m in model.modules()
+            if type(m).__name__ in ("BatchlessNorm", "PostShiftBatchNorm")
+        ]
+        kept[norm, True] = counts
     return kept
 
 
@@ -95,3 +107,5 @@ def test_checkpointing_keeps_only_block_inputs(tiny_corpus, cache_dir, tmp_path)
     block_input = 4 * 16 * 32 * 4
     assert kept[6, True] - kept[3, True] == 3 * block_input
     assert kept[6, False] - kept[3, False] > 3 * 8 * block_input
+    # 2 blocks x 2 norms + the final norm, each counted once despite the recompute
+    assert kept["batchless", True] == [1] * 5 and kept["psbn", True] == [1] * 5

@@ -64,7 +64,7 @@ class MetricsCallback(Callback):
         log_every = cfg.logging.every
         if cfg.metrics.every and cfg.metrics.every % log_every:
             trainer.log(
-                f"[yellow]warning:[/yellow] metrics.every={cfg.metrics.every} is not a multiple "
+                f"warning: metrics.every={cfg.metrics.every} is not a multiple "
                 f"of logging.every={log_every}: some metric steps will not reach metrics.jsonl"
             )
 

@@ -4,11 +4,12 @@ Every `metrics.cmd.every` steps (and at step 0) `CmdCallback` records K sampled 
 rank samples from its own shards (a TP shard on every TP rank, replicated tensors on TP rank 0,
 DP rank 0 only), the K values are summed into one vector over all ranks and rank 0 appends it to
 
-    <run.out_dir>/cmd/samples.json     column names (parameter, rank, flat index in the shard)
+    <run.out_dir>/cmd/samples.json     columns (parameter, TP rank, flat index in the TP shard)
     <run.out_dir>/cmd/trajectory.f32   one float32 row of K values per record
     <run.out_dir>/cmd/steps.i64        the step of each row
 
 which `python -m ofs_scale.cmd RUN_DIR` analyses. On resume, rows after the resumed step are cut.
+Columns name no global rank, so a run resumed under another DP size samples the same weights.
 
 Online CMD (`metrics.cmd.online`): the first `metrics.cmd.warmup` records also keep every local
 weight's trajectory (on the CPU; freed afterwards). Then the modes and references are frozen from
@@ -65,10 +66,10 @@ class WeightSampler:
         self.picks: list[tuple[torch.Tensor, torch.Tensor]] = []
         columns = []
         for (name, p), c in zip(owned, mine):
-            rng = np.random.default_rng([seed, me, *name.encode()])
+            rng = np.random.default_rng([seed, m.tp_rank, *name.encode()])
             idx = np.sort(rng.choice(p.numel(), size=c, replace=False))
             self.picks.append((p, torch.as_tensor(idx, device=p.device)))
-            columns += [{"name": name, "rank": me, "index": int(i)} for i in idx]
+            columns += [{"name": name, "tp": m.tp_rank, "index": int(i)} for i in idx]
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, columns)
         self.columns = [c for part in gathered for c in part]
@@ -143,8 +144,8 @@ class CmdCallback(Callback):
         self.restored: dict[str, Any] | None = None
 
     def shard_state(self, trainer: Trainer) -> dict[str, Any] | None:
-        if not trainer.cfg.metrics.cmd.online or self.sampler is None:
-            return None
+        if not trainer.cfg.metrics.cmd.online or self.sampler is None or trainer.mesh.dp_rank:
+            return None  # DP rank 0 writes the state of its (pp, tp) shard
         state: dict[str, Any] = {"columns": json.dumps(self.sampler.columns)}
         if self.refs is None:
             state["sampled"] = [v.cpu() for v in self.sampled]
@@ -172,7 +173,10 @@ class CmdCallback(Callback):
     def _restore(self, trainer: Trainer) -> None:
         """Continue the online state of the resumed checkpoint, on every rank or on none."""
         st, self.restored = self.restored, None
-        ok = st is not None and json.loads(st["columns"]) == self.sampler.columns
+        try:
+            ok = json.loads(st["columns"]) == self.sampler.columns
+        except (TypeError, KeyError, ValueError):  # no state, or not one this code wrote
+            ok = False
         flag = torch.tensor([int(ok)], device=trainer.mesh.device)
         if dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
