@@ -229,7 +229,8 @@ def test_online_cmd_dp2_tp2(dp1_run, tiny_corpus, cache_dir, tmp_path):
     for r in [dp2_r0, dp2_r1, tp2_r0, tp2_r1]:
         _check_run(r)
     # DP=2 samples the same weights as DP=1: identical trajectories and CMD results
-    np.testing.assert_allclose(dp2_r0["W_KT"], one["W_KT"], rtol=1e-5, atol=1e-7)
+    # weights after Adam steps: 1% of one step (lr 0.01) absolute, as in assert_weights_close
+    np.testing.assert_allclose(dp2_r0["W_KT"], one["W_KT"], rtol=1e-5, atol=1e-4)
     assert dp2_r0["val_loss_cmd"] == pytest.approx(one["val_loss_cmd"], rel=1e-4)
     np.testing.assert_allclose(dp2_r0["rel_error"][1:], one["rel_error"][1:], rtol=1e-3)
     assert dp2_r0["tp_ranks"] == [0] and tp2_r0["tp_ranks"] == [0, 1]  # TP: both ranks' shards
