@@ -15,10 +15,12 @@ saved as DTensors, so a checkpoint written under one (tp, pp, dp) layout loads u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
+from ofs_scale.config import Config
 from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
 from ofs_scale.parallel.mesh import Mesh
 
@@ -85,6 +89,25 @@ def training_state(
     return sd
 
 
+# Model settings that only shape the initialisation: a resumed run may change them freely.
+_INIT_ONLY = {"init_std", "scale_out_init", "bln_data_init"}
+
+
+def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The settings a run's saved tensors and their meaning depend on: the model (with defaults
+    resolved), the vocabulary, the learned position table's length, and the optimizer."""
+    from ofs_scale.model.gpt import resolved
+
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _INIT_ONLY}
+    model.update(resolved(cfg.model))
+    fp = {f"model.{k}": v for k, v in model.items()}
+    fp["data.vocab_size"] = cfg.data.vocab_size
+    if cfg.model.position == "learned":
+        fp["data.seq_len"] = cfg.data.seq_len
+    fp["optim.name"] = cfg.optim.name
+    return json.loads(json.dumps(fp))  # as it reads back from ofs_meta.json
+
+
 def _is_complete(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file()
 
@@ -132,10 +155,40 @@ def write_atomic(path: Path, text: str) -> None:
 class CheckpointManager:
     """Saves, finds and loads checkpoints of one run (collective calls on every rank)."""
 
-    def __init__(self, root: str | Path, mesh: Mesh, keep: int = 2) -> None:
+    def __init__(
+        self, root: str | Path, mesh: Mesh, keep: int = 2, fingerprint: dict | None = None
+    ) -> None:
         self.root = Path(root)
         self.mesh = mesh
         self.keep = keep
+        # settings the saved tensors depend on (`fingerprint`); a checkpoint written with other
+        # values stops the resume instead of loading into the wrong model
+        self.fingerprint = fingerprint
+
+    def meta(self, name: str, step: int) -> dict[str, Any]:
+        """The `ofs_meta.json` of a checkpoint written now."""
+        meta = {"step": step, "name": name, "time": time.time(), "layout": self.layout()}
+        if self.fingerprint is not None:
+            meta["fingerprint"] = self.fingerprint
+        return meta
+
+    def incompatibility(self, path: Path) -> str | None:
+        """Which fingerprinted settings checkpoint `path` was written with differently, or None."""
+        if self.fingerprint is None:
+            return None
+        try:
+            saved = json.loads((path / META).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            return None  # unreadable metadata is reported by the truncation check
+        if saved is None:
+            return None
+        keys = sorted(set(saved) | set(self.fingerprint))
+        diffs = [
+            f"{k}={saved.get(k)!r} (this run: {self.fingerprint.get(k)!r})"
+            for k in keys
+            if saved.get(k) != self.fingerprint.get(k)
+        ]
+        return ", ".join(diffs) or None
 
     def _rank0(self) -> bool:
         return self.mesh.rank == 0
@@ -155,8 +208,7 @@ class CheckpointManager:
         save_shard_state(tmp, self.mesh, shards or {})
         dist.barrier()
         if self._rank0():
-            meta = {"step": step, "name": name, "time": time.time(), "layout": self.layout()}
-            write_atomic(tmp / META, json.dumps(meta))
+            write_atomic(tmp / META, json.dumps(self.meta(name, step)))
             commit_dir(tmp, final)
             write_atomic(self.root / LATEST, name + "\n")
             self.prune()
@@ -201,20 +253,43 @@ class CheckpointManager:
     def load_latest(self, state: dict[str, Any], log=print) -> Path | None:
         """Load the newest usable checkpoint into `state` in place; skip broken ones with a
         report. Returns its path, or None when there is none."""
-        cands = self.candidates() if self._rank0() else []
-        box = [cands]
+        return self.load_first_usable(
+            truncation_problem, lambda path: dcp.load(state, checkpoint_id=str(path)), log
+        )
+
+    def load_first_usable(
+        self, problem_of: Callable[[Path], str | None], load: Callable[[Path], None], log=print
+    ) -> Path | None:
+        """Try the checkpoints newest first: skip (with a report) those `problem_of` (run on rank
+        0) or `load` (on every rank) finds unusable; return the first that loads, or None when
+        the run has none. Collective. Raises CheckpointError, leaving every checkpoint as it is,
+        when one was written for another model (fingerprint) or none of several is usable: a
+        fresh start would overwrite them."""
+        rank0 = self._rank0()
+        box = [self.candidates() if rank0 else []]
         dist.broadcast_object_list(box, src=0)
         for path in box[0]:
-            problem = [truncation_problem(path) if self._rank0() else None]
-            dist.broadcast_object_list(problem, src=0)
-            if problem[0] is None:
+            verdict = [(self.incompatibility(path), problem_of(path)) if rank0 else None]
+            dist.broadcast_object_list(verdict, src=0)
+            wrong_model, problem = verdict[0]
+            if wrong_model:
+                raise CheckpointError(
+                    f"{path} was written with {wrong_model}; resume with the settings it was "
+                    "written with (the run's config.yaml), or start a new run.out_dir"
+                )
+            if problem is None:
                 try:
-                    dcp.load(state, checkpoint_id=str(path))
+                    load(path)
                     return path
-                except Exception as e:  # reported on every rank alike by DCP
-                    problem[0] = f"load failed ({type(e).__name__}: {str(e)[:300]})"
-            if self._rank0():
-                log(f"[checkpoint] skipping {path}: {problem[0]}")
+                except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+                    problem = f"load failed ({type(e).__name__}: {str(e)[:300]})"
+            if rank0:
+                log(f"[checkpoint] skipping {path}: {problem}")
+        if box[0]:
+            raise CheckpointError(
+                f"none of the {len(box[0])} checkpoints in {self.root} can resume this run "
+                "(reasons above); fix or move them away, or start a new run.out_dir"
+            )
         return None
 
     def load(self, path: str | Path, state: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +283,7 @@ class DeepSpeedCheckpoints:
         dist.barrier()
         if rank0:
             meta = {
-                "step": step,
-                "name": name,
-                "time": time.time(),
-                "layout": self.manager.layout(),
+                **self.manager.meta(name, step),
                 "engine": "deepspeed",
                 "zero_stage": self.engine.cfg.train.zero_stage,
                 "dtype": self.engine.cfg.train.dtype,
@@ -326,22 +322,11 @@ class DeepSpeedCheckpoints:
         return None
 
     def load_latest(self, state: dict[str, Any], log=print) -> Path | None:
-        """Load the newest usable checkpoint, skipping unusable ones with a report."""
-        rank0 = self.mesh.rank == 0
-        box = [self.manager.candidates() if rank0 else []]
-        dist.broadcast_object_list(box, src=0)
-        for path in box[0]:
-            problem = [self.problem(path) if rank0 else None]
-            dist.broadcast_object_list(problem, src=0)
-            if problem[0] is None:
-                try:
-                    self._load(path, state)
-                    return path
-                except Exception as e:
-                    problem[0] = f"load failed ({type(e).__name__}: {str(e)[:300]})"
-            if rank0:
-                log(f"[checkpoint] skipping {path}: {problem[0]}")
-        return None
+        """Load the newest usable checkpoint, skipping unusable ones with a report (the rules
+        of `CheckpointManager.load_first_usable`)."""
+        return self.manager.load_first_usable(
+            self.problem, lambda path: self._load(path, state), log
+        )
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         loaded, _ = self.engine.ds.load_checkpoint(str(path.parent), tag=path.name)

@@ -18,7 +18,13 @@ import torch
 import torch.distributed as dist
 
 from ofs_scale.callbacks import Callback, CheckpointCallback
-from ofs_scale.checkpoint import CheckpointManager, load_shard_state, training_state
+from ofs_scale.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    checkpoint_fingerprint,
+    load_shard_state,
+    training_state,
+)
 from ofs_scale.config import Config, ConfigError, check_world, dump_yaml, load_config
 from ofs_scale.data import (
     BatchSampler,
@@ -79,7 +85,10 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.named_params, cfg.optim, m)
         self.ckpt = CheckpointManager(
-            cfg.checkpoint.dir or self.out_dir / "checkpoints", m, cfg.checkpoint.keep
+            cfg.checkpoint.dir or self.out_dir / "checkpoints",
+            m,
+            cfg.checkpoint.keep,
+            fingerprint=checkpoint_fingerprint(cfg),
         )
         self.step = 0
         self.tokens = 0
@@ -355,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"metrics: {trainer.out_dir / 'metrics.jsonl'}")
         if (message := finish_preempted(trainer, guard)) is not None:
             console.print(f"[launch] {message}")
-    except (ConfigError, DataError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (ConfigError, DataError, CheckpointError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     except TrainingStopped as e:
         console.print(f"[red]stopped:[/red] {e}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ofs_scale.callbacks import Callback, CheckpointCallback
+from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError, load_config
 from tests.conftest import assert_weights_close, tiny_overrides
 from tests.harness import run_distributed
@@ -160,7 +161,8 @@ def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
 
 def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
     """TP=2, DP=1: DeepSpeed's DP group must be our (size 1) DP group, not the world; then
-    checkpoint safety: a crash before the rename, and a native checkpoint, are both skipped."""
+    checkpoint safety: a crash before the rename is skipped, and a run whose only checkpoint
+    is a native one stops instead of starting over it."""
     from ofs_scale import deepspeed_engine
     from ofs_scale.train import Trainer
 
@@ -189,12 +191,14 @@ def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
     messages: list[str] = []
     other = Trainer(load_config(None, [*base, tp, ds, f"run.out_dir={out}/n"]), callbacks=[])
     other.log = messages.append
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints") as refused:
+        other.resume()  # a fresh DeepSpeed run would overwrite the native run's stage_main
     return {
         "native": native,
         "zero": zero,
         "leftovers": sorted(p.name for p in (out / "z/checkpoints").iterdir()),
         "resumed": (path.name, fresh.step, restored),
-        "native_ckpt": (other.resume(), messages),
+        "native_ckpt": (str(refused.value), messages),
     }
 
 
@@ -207,7 +211,7 @@ def test_deepspeed_tensor_parallel_and_checkpoint_safety(tiny_corpus, cache_dir,
         )
         assert ".tmp-step_000099" in r["leftovers"] and "step_000099" not in r["leftovers"]
         assert r["resumed"] == ("stage_main", 3, True)
-        assert r["native_ckpt"][0] is None
+        assert "new run.out_dir" in r["native_ckpt"][0]
     # rank 0 reports why the native run's checkpoint cannot resume a DeepSpeed engine
     assert any("written by the native engine" in m for m in ranks[0]["native_ckpt"][1])
     assert (tmp_path / "z/checkpoints/latest").read_text().strip() == "stage_main"

@@ -9,6 +9,7 @@ import torch
 
 from ofs_scale import checkpoint as ckpt_mod
 from ofs_scale.callbacks import Callback, CheckpointCallback
+from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import load_config
 from ofs_scale.train import Trainer, TrainingStopped
 from tests.conftest import assert_weights_close, tiny_overrides
@@ -122,6 +123,41 @@ def test_truncated_checkpoint_is_reported_and_skipped(tiny_corpus, cache_dir, tm
     ((name, step, messages),) = run_distributed(_corrupt_then_resume, 1, over, tmp_path)
     assert (name, step) == ("step_000001", 1)
     assert any("skipping" in m and "stage_main" in m and "truncated" in m for m in messages)
+
+
+def _wrong_model_then_broken(rank, overrides, tmp):
+    Trainer(load_config(None, overrides), callbacks=[CheckpointCallback()]).fit()
+    files = {p: p.stat().st_mtime_ns for p in (tmp / "checkpoints").rglob("*")}
+    errors = []
+    for change in ("model.d_model=64", "model.block=op", "optim.name=soap"):
+        try:
+            Trainer(load_config(None, [*overrides, change]), callbacks=[]).resume()
+        except CheckpointError as e:
+            errors.append(str(e))
+    unchanged = files == {p: p.stat().st_mtime_ns for p in (tmp / "checkpoints").rglob("*")}
+    for data in (tmp / "checkpoints").glob("*/*.distcp"):
+        data.write_bytes(b"")  # every checkpoint truncated: no fresh start over them
+    try:
+        Trainer(load_config(None, overrides), callbacks=[]).resume()
+    except CheckpointError as e:
+        errors.append(str(e))
+    return errors, unchanged
+
+
+def test_checkpoint_of_another_model_or_none_usable_stops_the_resume(
+    tiny_corpus, cache_dir, tmp_path
+):
+    over = [
+        *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
+        "train.stages=[{name: main, steps: 2}]",
+        "checkpoint.every=1",
+    ]
+    ((errors, unchanged),) = run_distributed(_wrong_model_then_broken, 1, over, tmp_path)
+    assert unchanged and len(errors) == 4
+    assert "model.d_model=32 (this run: 64)" in errors[0] and "config.yaml" in errors[0]
+    assert "model.block='pre' (this run: 'op')" in errors[1]
+    assert "optim.name='adamw' (this run: 'soap')" in errors[2]
+    assert "none of the 2 checkpoints" in errors[3] and "new run.out_dir" in errors[3]
 
 
 def _nan_run(rank, overrides):
