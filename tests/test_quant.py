@@ -213,12 +213,18 @@ def test_tp2_and_dp2_equal_single_process(trained):
             for key, want_result in single["specs"].items():
                 got, want = by_spec[key]["results"], want_result["results"]
                 assert got["fp"]["val_loss"] == pytest.approx(want["fp"]["val_loss"], rel=1e-5)
+                # every calibrated range is the whole model's (reduced over TP and DP), exactly
+                got_r, want_r = by_spec[key]["ranges"], want_result["ranges"]
+                assert got_r.keys() == want_r.keys(), (key, tp)
+                for site, r in want_r.items():
+                    assert got_r[site] == pytest.approx(r, rel=1e-5, abs=1e-6), (key, site, tp)
                 for setting in ("W8", "A8", "W8A8"):
-                    # Compare what quantisation adds: a scale taken from one TP shard instead
-                    # of the whole tensor changes it far more than summation order does.
+                    # What quantisation adds to the loss: values within an ulp of a rounding
+                    # midpoint may round the other way under another summation order, so this
+                    # is close, not exact (2.7e-5 on a loss near 6 seen in CI).
                     got_d = got[setting]["val_loss"] - got["fp"]["val_loss"]
                     want_d = want[setting]["val_loss"] - want["fp"]["val_loss"]
-                    assert abs(got_d - want_d) <= 2e-5 + 0.02 * abs(want_d), (key, setting, tp)
+                    assert abs(got_d - want_d) <= 1e-4 + 0.02 * abs(want_d), (key, setting, tp)
 
 
 def _keep_output(module: torch.nn.Module, key: str, seen: dict) -> None:

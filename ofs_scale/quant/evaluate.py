@@ -199,4 +199,6 @@ def quant_eval(
         "eval_sequences": eval_batches * run.cfg.train.global_batch,
         "layout": {"tp": run.mesh.tp, "dp": run.mesh.dp},
         "results": results,
+        # calibrated [min, max] per activation site: where the wide (outlier) ranges are
+        "ranges": {name: list(r) for name, r in sorted(ranges.items())},
     }
