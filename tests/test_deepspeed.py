@@ -85,8 +85,16 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
     # Exact resume: 4 steps, stage checkpoint, then a fresh trainer resumes and runs 6 more.
     resumed = f"run.out_dir={out}/resumed"
     _, first, _, _ = _fit(base, FIRST_STAGE, ds, "train.zero_stage=2", resumed, checkpoints=True)
+    # (the second part recomputes its blocks in backward: activation checkpointing changes
+    # nothing under DeepSpeed either)
     t, second, res["resumed_params"], _ = _fit(
-        base, TEN_STEPS, ds, "train.zero_stage=2", resumed, checkpoints=True
+        base,
+        TEN_STEPS,
+        ds,
+        "train.zero_stage=2",
+        resumed,
+        "train.activation_checkpointing=true",
+        checkpoints=True,
     )
     res["resumed"], res["resumed_step"] = first + second, t.step
     # Quantisation eval rebuilds the native model from the DCP weights of the checkpoint.

@@ -1,6 +1,7 @@
 """Activation checkpointing (`train.activation_checkpointing`): the same training as without it
 (losses, weights, OF and collapse metrics, psBN running statistics, the batchless aux loss)
-under DP=2, TP=2 and PP=2, and far fewer activations kept between forward and backward."""
+under DP=2, TP=2, PP=2 and bf16 autocast (DeepSpeed: tests/test_deepspeed.py), and far fewer
+activations kept between forward and backward."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def test_checkpointing_changes_nothing_but_memory(tiny_corpus, cache_dir, tmp_pa
         "dp2 pre psbn": ["model.norm=psbn", "model.activation=relu"],
         "tp2 op": ["model.block=op", "parallel.tp=2"],
         "pp2 batchless": ["model.norm=batchless", "model.bln_data_init=true", "parallel.pp=2"],
+        "dp2 bf16": ["train.dtype=bf16"],
     }
     runs = [
         [*base, *extra, f"run.out_dir={tmp_path}/{i}"] for i, extra in enumerate(layouts.values())
