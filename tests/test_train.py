@@ -206,13 +206,27 @@ def test_cli_writes_metrics_and_summary(tiny_corpus, cache_dir, tmp_path, capsys
     assert "did you mean model.n_heads" in capsys.readouterr().out
 
 
+class FirstMetrics(Callback):
+    """The OF and signal-propagation metrics of the first metric step."""
+
+    def __init__(self):
+        self.of = {}
+
+    def post_step(self, trainer, step, record):
+        if not self.of:
+            self.of = {k: v for k, v in record.items() if k.startswith(("of/", "sigprop/"))}
+
+
 def _losses_and_ckpts(rank, overrides):
+    from ofs_scale.metrics.callback import MetricsCallback
+
     cfg = load_config(None, overrides)
-    rec = Losses()
-    trainer = Trainer(cfg, callbacks=[rec, CheckpointCallback()])
+    rec, first = Losses(), FirstMetrics()
+    metrics = MetricsCallback(plots=False)
+    trainer = Trainer(cfg, callbacks=[rec, metrics, first, CheckpointCallback()])
     trainer.fit()
     names = sorted(p.name for p in trainer.ckpt.root.iterdir())
-    return rec.losses, names
+    return rec.losses, names, first.of
 
 
 def test_bf16_autocast_tracks_fp32_and_keep_prunes(tiny_corpus, cache_dir, tmp_path):
@@ -221,12 +235,19 @@ def test_bf16_autocast_tracks_fp32_and_keep_prunes(tiny_corpus, cache_dir, tmp_p
         "train.stages=[{name: a, steps: 3}, {name: b, steps: 3}]",
         "checkpoint.every=1",
         "checkpoint.keep=2",
+        "metrics.every=3",
     ]
-    ((fp32, names),) = run_distributed(_losses_and_ckpts, 1, [*over, f"run.out_dir={tmp_path}/f"])
-    ((bf16, _),) = run_distributed(
+    ((fp32, names, of32),) = run_distributed(
+        _losses_and_ckpts, 1, [*over, f"run.out_dir={tmp_path}/f"]
+    )
+    ((bf16, _, of16),) = run_distributed(
         _losses_and_ckpts, 1, [*over, "train.dtype=bf16", f"run.out_dir={tmp_path}/b"]
     )
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=3e-2, atol=0)
     assert bf16 != fp32  # autocast really ran in bf16
+    # OF metrics of bf16 activations (measured in fp32) track the fp32 run's at step 3
+    assert "of/kurtosis/block_01" in of32 and of16.keys() == of32.keys()
+    for k, v in of32.items():
+        assert of16[k] == pytest.approx(v, rel=5e-2, abs=1e-3), k
     # stage checkpoints are kept forever, periodic ones only the newest `keep`
     assert names == ["latest", "stage_a", "stage_b", "step_000004", "step_000005"]
