@@ -58,18 +58,26 @@ def test_sweep_expands_grid_into_validated_points(tmp_path):
 
 
 def record_hook(cfg: Config, run_dir: Path) -> None:
-    """A `launch.post_run` hook for the test: leaves a marker in the run directory."""
-    (Path(run_dir) / "post_run.json").write_text(json.dumps({"block": cfg.model.block}))
+    """A `launch.post_run` hook for the tests: appends a line per call to the run directory."""
+    with open(Path(run_dir) / "post_run.jsonl", "a") as f:
+        f.write(json.dumps({"block": cfg.model.block, "steps": cfg.total_steps}) + "\n")
+
+
+def hook_calls(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "post_run.jsonl").read_text().splitlines()]
 
 
 def test_local_sweep_runs_points_writes_index_and_calls_hooks(
-    tiny_corpus, cache_dir, tmp_path, capsys
+    tiny_corpus, cache_dir, tmp_path, capsys, monkeypatch
 ):
     from ofs_scale.launch.__main__ import main
     from ofs_scale.launch.status import status
+    from ofs_scale.report import main as report_main
 
     base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "unused")
-    hook = "launch.post_run=[tests.test_launch:record_hook]"
+    # the real int8 evaluation hook too, as configs/repro/cpu_grid.yaml uses it
+    hook = "launch.post_run=[tests.test_launch:record_hook, ofs_scale.quant.hook:post_run]"
+    monkeypatch.setenv("OFS_QUANT_ARGS", "--calib-batches 2 --eval-batches 1 --device cpu")
     sweep_dir = tmp_path / "sweep"
     path = _write_sweep(
         tmp_path / "s.yaml", {"model.block": ["pre", "op"]}, [*base, hook], sweep_dir
@@ -80,8 +88,9 @@ def test_local_sweep_runs_points_writes_index_and_calls_hooks(
     for point in index["points"]:
         run_dir = Path(point["out_dir"])
         assert run_dir.parent == sweep_dir and point["job_id"]
-        marker = json.loads((run_dir / "post_run.json").read_text())
-        assert marker == {"block": point["params"]["model.block"]}
+        assert hook_calls(run_dir) == [{"block": point["params"]["model.block"], "steps": 3}]
+        quant = json.loads((run_dir / "quant.json").read_text())
+        assert quant["step"] == 3 and set(quant["results"]) == {"fp", "W8", "A8", "W8A8"}
         assert load_config(point["config"]).model.block == point["params"]["model.block"]
         assert (run_dir / "checkpoints/stage_main/ofs_meta.json").is_file()
     rows = status(sweep_dir)
@@ -92,6 +101,12 @@ def test_local_sweep_runs_points_writes_index_and_calls_hooks(
     assert "COMPLETED" in capsys.readouterr().out
     assert main(["tail", index["points"][0]["out_dir"], "-n", "2"]) == 0
     assert '"step": 3' in capsys.readouterr().out
+    # the grid's table: one command over the sweep directory, W8A8 from the hook's quant.json
+    assert report_main([str(sweep_dir)]) == 0
+    rows = json.loads((sweep_dir / "report.json").read_text())
+    assert [r["steps"] for r in rows] == [3, 3]
+    assert all(r["w8a8_ppl"] > 0 and r["w8a8_increase_pct"] is not None for r in rows)
+    assert "W8A8 ppl" in (sweep_dir / "report.md").read_text()
     assert main(["submit", "--local"]) == 2  # no --config and no --sweep
     assert main(["status", str(tmp_path / "nowhere")]) == 2
 

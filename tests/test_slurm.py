@@ -22,6 +22,7 @@ from ofs_scale.config import load_config
 from ofs_scale.data import prepare_data
 from tests.conftest import tiny_overrides
 from tests.slurm_cluster import SlurmCluster, skip_reason
+from tests.test_launch import hook_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGES = "train.stages=[{name: a, steps: 5, lr_schedule: constant}, {name: b, steps: 300}]"
@@ -177,6 +178,7 @@ def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, t
         *tiny_overrides(tiny_corpus, cache_dir, out),
         "train.stages=[{name: a, steps: 2, lr_schedule: constant}, {name: b, steps: 3}]",
         "launch.cpus_per_task=1",
+        "launch.post_run=[tests.test_launch:record_hook]",
     ]
     _prepare(overrides)
     jobs = submit_run(load_config(None, overrides), stage_jobs=True)
@@ -191,6 +193,8 @@ def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, t
     for name in ("stage_a", "stage_b"):
         assert (out / "checkpoints" / name / "ofs_meta.json").is_file()
     assert slurm.wait_job(str(jobs[1].job_id)) == "COMPLETED"  # the result comes before the end
+    # post-run hooks run once, after the last stage's job (the whole run), not after stage a
+    assert hook_calls(out) == [{"block": "pre", "steps": 5}]
     rows = status(out)  # what `python -m ofs_scale.launch status` shows
     assert [(r["stage"], r["state"], r["step"]) for r in rows] == [
         ("a", "COMPLETED", "5"),

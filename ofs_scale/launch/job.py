@@ -90,9 +90,13 @@ class RunOutcome:
     rank: int
 
 
-def train_run(cfg: Config, guard: PreemptionGuard | None = None) -> RunOutcome:
+def train_run(
+    cfg: Config, guard: PreemptionGuard | None = None, last_job: bool = True
+) -> RunOutcome:
     """Train `cfg` in this process group (resuming if possible), then run the post-run hooks on
-    rank 0 if training finished. Tears the process group down before returning."""
+    rank 0 if training finished the run: not after the earlier jobs of a `--stage-jobs` chain
+    (`last_job` False), whose `cfg` ends at their own stage. Tears the process group down
+    before returning."""
     from ofs_scale.parallel.mesh import destroy_mesh
     from ofs_scale.train import Trainer
 
@@ -103,7 +107,7 @@ def train_run(cfg: Config, guard: PreemptionGuard | None = None) -> RunOutcome:
         summary = trainer.fit()
         stopped = guard is not None and guard.agreed and trainer.stopped_early
         rank = trainer.mesh.rank
-        if not stopped and rank == 0:
+        if not stopped and last_job and rank == 0:
             run_post_hooks(cfg, trainer.out_dir)
         return RunOutcome(
             run_dir=trainer.out_dir,
@@ -145,7 +149,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         guard = PreemptionGuard(stop_signals=(usr_sig, signal.SIGTERM), requeue_signals=(usr_sig,))
         guard.install()
         cfg = load_snapshot(config_path, stages_upto)
-        outcome = train_run(cfg, guard)
+        stages = len(load_snapshot(config_path).train.stages)
+        last_job = stages_upto is None or stages_upto + 1 >= stages
+        outcome = train_run(cfg, guard, last_job)
         if outcome.stopped_by is not None:
             guard.uninstall()
             if outcome.requeue and outcome.rank == 0 and callable(submitit_handler):
