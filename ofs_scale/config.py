@@ -6,6 +6,7 @@ values and names the closest valid key when a key is unknown.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -162,18 +163,33 @@ class TrainConfig:
     gradients."""
 
 
+OptimName = Literal["adamw", "soap", "shampoo"]
+
+# Defaults of the fields that depend on optim.name. A value set in YAML or an override always wins
+# (also one equal to another optimizer's default); null, or not setting it, takes these.
+OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+    # the SOAP paper's settings (Vyas et al., 2024); Shampoo shares them
+    "soap": {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01},
+    "shampoo": {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01},
+}
+
+
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "soap", "shampoo"] = "adamw"
+    name: OptimName = "adamw"
     """Optimizer."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas (beta1, beta2)."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices (not on gains, biases or beta)."""
+    lr: float | None = None
+    """Peak learning rate (default: per optimizer, see OPTIM_DEFAULTS and docs/optimizers.md;
+    adamw 1e-3, soap/shampoo 3e-3)."""
+    betas: tuple[float, float] | None = None
+    """Adam betas (beta1, beta2) (default: per optimizer; adamw (0.9, 0.95), soap/shampoo
+    (0.95, 0.95))."""
+    eps: float | None = None
+    """Adam epsilon (default: per optimizer; 1e-8 for all)."""
+    weight_decay: float | None = None
+    """Decoupled weight decay on matrices, not on gains, biases or beta (default: per optimizer;
+    adamw 0.1, soap/shampoo 0.01)."""
     precondition_frequency: int = 10
     """SOAP/Shampoo: steps between preconditioner updates."""
     max_precond_dim: int = 10000
@@ -184,6 +200,15 @@ class OptimConfig:
     """Shampoo: plain grafted Adam until this step."""
     shard: bool | None = None
     """Shard optimizer state over data-parallel ranks (default: on when DP > 1)."""
+
+    def __post_init__(self) -> None:
+        # Fields left unset (None) take the chosen optimizer's default, so consumers always see
+        # numbers. An unknown name is left for load_config's type check to report.
+        name = self.name if isinstance(self.name, str) else "adamw"
+        defaults = OPTIM_DEFAULTS.get(name, OPTIM_DEFAULTS["adamw"])
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 @dataclass
@@ -339,14 +364,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own message ("should be a number", "did you mean")
+            return _coerce(value, options[0], key)
+        for a in options:
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}={value!r} should be {_describe(tp)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
@@ -468,8 +493,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Read a YAML config (optional), apply dotted overrides, validate, and return a Config."""
-    tree: dict[str, Any] = to_dict(Config())
+    """Read a YAML config (optional), apply dotted overrides, validate, and return a Config.
+
+    optim.lr, optim.betas, optim.eps and optim.weight_decay that neither the YAML nor an override
+    sets (or that are set to null) take the defaults of the final optim.name (OPTIM_DEFAULTS); a
+    value that is set always wins. The returned config, and so `dump_yaml`, holds the numbers."""
+    loaded: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -482,24 +511,41 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level should be a mapping of sections")
-        for section, values in loaded.items():
-            if section not in tree:
-                raise _unknown_key(Config, section, "")
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} should be a mapping")
-            tree[section].update(values)
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    # First pass: which optimizer the YAML and overrides choose. Second pass: the same values on
+    # top of that optimizer's defaults, so that an override of one element (`optim.betas.1=0.99`)
+    # edits the right pair.
+    name = _apply(to_dict(Config()), loaded, parsed, path)["optim"]["name"]
+    if not isinstance(name, str) or name not in OPTIM_DEFAULTS:
+        name = "adamw"  # _build reports a wrong name
+    tree = _apply(to_dict(Config(optim=OptimConfig(name=name))), loaded, parsed, path)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _apply(
+    tree: dict[str, Any],
+    loaded: dict[str, Any],
+    overrides: list[tuple[str, Any]],
+    path: Path | None,
+) -> dict[str, Any]:
+    """`tree` (plain defaults) updated with the YAML sections `loaded`, then the overrides."""
+    for section, values in loaded.items():
+        if section not in tree:
+            raise _unknown_key(Config, section, "")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} should be a mapping")
+        tree[section].update(copy.deepcopy(values))
+    for key, value in overrides:
         section = key.split(".", 1)[0]
         if section not in tree:
             raise _unknown_key(Config, section, "")
         if "." not in key:
             raise ConfigError(f"override {key!r} should name section.key")
         _check_key_path(key)
-        _set_dotted(tree, key, value)
-    cfg = _build(Config, tree)
-    validate(cfg)
-    return cfg
+        _set_dotted(tree, key, copy.deepcopy(value))
+    return tree
 
 
 def _check_key_path(key: str) -> None:
