@@ -177,7 +177,7 @@ def test_layout_refusals_name_the_fix():
 
     from ofs_scale.config import ConfigError
 
-    with pytest.raises(ConfigError, match="not divisible by parallel.tp=2"):
+    with pytest.raises(ConfigError, match=r"not divisible by parallel\.tp=2"):
         load_config(None, ["model.n_heads=3", "model.d_model=24", "parallel.tp=2"])
-    with pytest.raises(ConfigError, match="set model.tie_embeddings=false"):
+    with pytest.raises(ConfigError, match=r"set model\.tie_embeddings=false"):
         load_config(None, ["model.tie_embeddings=true", "parallel.pp=2"])
