@@ -95,7 +95,8 @@ _INIT_ONLY = {"init_std", "scale_out_init", "bln_data_init"}
 
 def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a run's saved tensors and their meaning depend on: the model (with defaults
-    resolved), the vocabulary, the learned position table's length, and the optimizer."""
+    resolved), the vocabulary, the learned position table's length, the optimizer, and for
+    SOAP/Shampoo the TP size."""
     from ofs_scale.model.gpt import resolved
 
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _INIT_ONLY}
@@ -105,6 +106,9 @@ def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
     if cfg.model.position == "learned":
         fp["data.seq_len"] = cfg.data.seq_len
     fp["optim.name"] = cfg.optim.name
+    if cfg.optim.name != "adamw":
+        # SOAP/Shampoo factors belong to one TP shard of a weight: they reshard over DP only
+        fp["parallel.tp"] = cfg.parallel.tp
     return json.loads(json.dumps(fp))  # as it reads back from ofs_meta.json
 
 

@@ -251,3 +251,20 @@ def test_bf16_autocast_tracks_fp32_and_keep_prunes(tiny_corpus, cache_dir, tmp_p
         assert of16[k] == pytest.approx(v, rel=5e-2, abs=1e-3), k
     # stage checkpoints are kept forever, periodic ones only the newest `keep`
     assert names == ["latest", "stage_a", "stage_b", "step_000004", "step_000005"]
+
+
+def test_fingerprint_covers_what_the_tensors_depend_on():
+    from ofs_scale.checkpoint import checkpoint_fingerprint as fp
+
+    def cfg(*over):
+        return load_config(None, list(over))
+
+    # SOAP/Shampoo factors are per TP shard: a TP change cannot resume them; AdamW state can
+    assert fp(cfg("optim.name=soap")) != fp(cfg("optim.name=soap", "parallel.tp=2"))
+    assert fp(cfg()) == fp(cfg("parallel.tp=2", "parallel.pp=2"))
+    # init-only settings, RoPE sequence length and hyperparameters may change on resume
+    same = cfg("model.init_std=0.01", "data.seq_len=256", "optim.lr=0.5", "train.grad_clip=0")
+    assert fp(same) == fp(cfg())
+    assert fp(cfg("model.position=learned")) != fp(cfg("model.position=learned", "data.seq_len=64"))
+    # defaults are resolved: naming the OP block's default activation changes nothing
+    assert fp(cfg("model.block=op")) == fp(cfg("model.block=op", "model.activation=relu"))
