@@ -193,3 +193,14 @@ def test_plots_from_jsonl(tmp_path):
         assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl does not exist"):
         write_plots(tmp_path / "nothing")
+    # the training-dynamics instruments get their own figure, CMD's val loss joins loss.png
+    for step, rec in enumerate(recs[:6], start=1):
+        rec["collapse/dead_frac/mlp_00"] = 0.1 * step
+        rec["collapse/gamma_small_frac/layers.0.norm2"] = 0.0
+        rec["bln/aux_loss"] = 1.0 / step
+        rec["cmd/rel_error"] = 0.01 * step
+    recs.append({"step": 6, "val_loss": 4.0, "val_loss_cmd": 4.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_plots(tmp_path, tmp_path / "again")
+    assert [p.name for p in paths][-2:] == ["loss.png", "instruments.png"]
+    assert (tmp_path / "again/instruments.png").stat().st_size > 5000

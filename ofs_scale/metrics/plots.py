@@ -1,6 +1,7 @@
 """PNG plots of a run's metrics.jsonl: kurtosis per layer (log scale), MMR, signal propagation
-and attention entropy, and the loss curve. Used at the end of training and by
-`tools/plot_metrics.py RUN_DIR`."""
+and attention entropy, the loss curve (with the CMD reconstruction's validation loss), and the
+training-dynamics instruments (collapse, batchless aux loss, CMD error) when a run logs them.
+Used at the end of training and by `tools/plot_metrics.py RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -75,20 +76,41 @@ def _two_panels(
     return path
 
 
-def _sigprop(records: list[dict[str, Any]], path: Path) -> Path | None:
-    cos, ent = series(records, "sigprop/cos"), series(records, "attn/entropy")
-    panels = [(cos, "signal propagation: mean cosine between tokens", "cosine")]
-    panels.append((ent, "attention entropy (heads averaged)", "nats"))
+def _panels(panels: list[tuple[Series, str, str, bool]], path: Path) -> Path | None:
+    """One row of (data, title, ylabel, log) panels, those with data; None when none has."""
     panels = [p for p in panels if p[0]]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (d, title, ylabel) in zip(axes[0], panels, strict=True):
-        _panel(ax, d, title, ylabel, log=False)
+    for ax, (d, title, ylabel, log) in zip(axes[0], panels, strict=True):
+        _panel(ax, d, title, ylabel, log)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _sigprop(records: list[dict[str, Any]], path: Path) -> Path | None:
+    cos, ent = series(records, "sigprop/cos"), series(records, "attn/entropy")
+    return _panels(
+        [
+            (cos, "signal propagation: mean cosine between tokens", "cosine", False),
+            (ent, "attention entropy (heads averaged)", "nats", False),
+        ],
+        path,
+    )
+
+
+def _instruments(records: list[dict[str, Any]], path: Path) -> Path | None:
+    return _panels(
+        [
+            (series(records, "collapse/dead_frac"), "dead MLP units", "fraction", False),
+            (series(records, "collapse/gamma_small_frac"), "norm gains near 0", "fraction", False),
+            (series(records, "bln"), "batchless norm auxiliary loss", "loss", False),
+            (series(records, "cmd"), "CMD reconstruction of the weights", "relative error", True),
+        ],
+        path,
+    )
 
 
 def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -96,6 +118,8 @@ def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     val = {int(r["step"]): finite_number(r["val_loss"]) for r in records if "val_loss" in r}
     train = {s: v for s, v in train.items() if v is not None}
     val = {s: v for s, v in val.items() if v is not None}
+    cmd = {int(r["step"]): finite_number(r["val_loss_cmd"]) for r in records if "val_loss_cmd" in r}
+    cmd = {s: v for s, v in cmd.items() if v is not None}
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -103,6 +127,9 @@ def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val loss")
+    if cmd:
+        steps = sorted(cmd)
+        ax.plot(steps, [cmd[s] for s in steps], "s--", label="val loss, CMD-reconstructed weights")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss")
@@ -115,8 +142,9 @@ def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def write_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Write kurtosis.png, mmr.png, sigprop.png and loss.png for the run in `run_dir` (those
-    with data) into `out_dir` (default `<run_dir>/plots`); return their paths."""
+    """Write kurtosis.png, mmr.png, sigprop.png, loss.png and instruments.png for the run in
+    `run_dir` (those with data) into `out_dir` (default `<run_dir>/plots`); return their
+    paths."""
     run_dir = Path(run_dir)
     jsonl = run_dir / "metrics.jsonl"
     if not jsonl.is_file():
@@ -131,5 +159,6 @@ def write_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         _two_panels(records, "of/mmr", "MMR", True, out_dir / "mmr.png"),
         _sigprop(records, out_dir / "sigprop.png"),
         _loss(records, out_dir / "loss.png"),
+        _instruments(records, out_dir / "instruments.png"),
     ]
     return [p for p in written if p is not None]
