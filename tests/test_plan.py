@@ -127,6 +127,13 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     assert tool.main([op7b, on, "--gpus", "64", "--gpu-mem", mem]) == tool.FITS
     assert tool.main([op7b, "--gpus", "8", "--gpu-mem", "24"]) == tool.DOES_NOT_FIT
     assert "does not fit" in capsys.readouterr().out
+    # the Pre-Norm + AdamW baseline validates, sizes and fits on the same 64 GPUs too
+    pre7b = str(ROOT / "configs/pre7b.yaml")
+    capsys.readouterr()
+    dry_run(load_config(pre7b))
+    assert "parameters" in capsys.readouterr().out
+    assert tool.main([pre7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
+    assert 6.5e9 < plan(load_config(pre7b), gpus=64).total_params < 7.0e9
     # 48 GPUs: dp=6 does not divide the global batch of 512
     assert tool.main([op7b, "--gpus", "48"]) == 2
     assert "global_batch" in capsys.readouterr().out
