@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(summary)
             console.print(f"metrics: {trainer.out_dir / 'metrics.jsonl'}")
         if (message := finish_preempted(trainer, guard)) is not None:
-            console.print(f"[launch] {message}")
+            console.print(f"[launch] {message}", markup=False, highlight=False)
     except (ConfigError, DataError, CheckpointError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
