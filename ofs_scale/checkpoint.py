@@ -119,7 +119,7 @@ def _is_complete(path: Path) -> bool:
 def truncation_problem(path: Path) -> str | None:
     """A reason why the checkpoint at `path` is unusable, or None (checks sizes, not contents)."""
     try:
-        meta = json.loads((path / META).read_text())
+        meta = read_meta(path)
         md = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
         return f"unreadable metadata ({type(e).__name__}: {e})"
@@ -181,7 +181,7 @@ class CheckpointManager:
         if self.fingerprint is None:
             return None
         try:
-            saved = json.loads((path / META).read_text()).get("fingerprint")
+            saved = read_meta(path).get("fingerprint")
         except (OSError, ValueError):
             return None  # unreadable metadata is reported by the truncation check
         if saved is None:
@@ -240,7 +240,7 @@ class CheckpointManager:
             if not _is_complete(p):
                 continue
             try:
-                step = json.loads((p / META).read_text())["step"]
+                step = read_meta(p)["step"]
             except Exception:
                 step = -1
             complete.append((step, p.stat().st_mtime, p))

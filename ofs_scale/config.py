@@ -167,11 +167,12 @@ OptimName = Literal["adamw", "soap", "shampoo"]
 
 # Defaults of the fields that depend on optim.name. A value set in YAML or an override always wins
 # (also one equal to another optimizer's default); null, or not setting it, takes these.
+# the SOAP paper's settings (Vyas et al., 2024); Shampoo shares them
+_SOAP_DEFAULTS = {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01}
 OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
-    # the SOAP paper's settings (Vyas et al., 2024); Shampoo shares them
-    "soap": {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01},
-    "shampoo": {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01},
+    "soap": _SOAP_DEFAULTS,
+    "shampoo": _SOAP_DEFAULTS,
 }
 
 

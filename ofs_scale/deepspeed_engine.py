@@ -34,6 +34,7 @@ from ofs_scale.checkpoint import (
     CheckpointError,
     CheckpointManager,
     commit_dir,
+    read_meta,
     save_shard_state,
     training_state,
     truncation_problem,
@@ -300,7 +301,7 @@ class DeepSpeedCheckpoints:
         problem = truncation_problem(path)
         if problem:
             return problem
-        meta = json.loads((path / META).read_text())
+        meta = read_meta(path)
         if meta.get("engine") != "deepspeed":
             return (
                 "written by the native engine; resume it with train.engine=native, or start "

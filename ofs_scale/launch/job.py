@@ -126,13 +126,15 @@ def run_point(cfg: Config) -> Path:
     return train_run(cfg).run_dir
 
 
-def load_snapshot(config_path: str | Path, stages_upto: int | None = None) -> Config:
+def load_snapshot(config_path: str | Path, stages_upto: int | None = None) -> tuple[Config, bool]:
     """The config a job runs: the snapshot written at submission, optionally cut after stage
-    `stages_upto` (0-based) for one job of a `--stage-jobs` chain."""
+    `stages_upto` (0-based) for one job of a `--stage-jobs` chain; and whether the job trains
+    the run's last stage (only then do the post-run hooks run)."""
     cfg = load_config(config_path)
+    last_job = stages_upto is None or stages_upto + 1 >= len(cfg.train.stages)
     if stages_upto is not None:
         cfg.train.stages = cfg.train.stages[: stages_upto + 1]
-    return cfg
+    return cfg, last_job
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -148,9 +150,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit_handler = signal.getsignal(usr_sig)
         guard = PreemptionGuard(stop_signals=(usr_sig, signal.SIGTERM), requeue_signals=(usr_sig,))
         guard.install()
-        cfg = load_snapshot(config_path, stages_upto)
-        stages = len(load_snapshot(config_path).train.stages)
-        last_job = stages_upto is None or stages_upto + 1 >= stages
+        cfg, last_job = load_snapshot(config_path, stages_upto)
         outcome = train_run(cfg, guard, last_job)
         if outcome.stopped_by is not None:
             guard.uninstall()
