@@ -66,6 +66,29 @@ def assert_weights_close(got: dict, want: dict, lr: float) -> None:
         torch.testing.assert_close(got[n], p, rtol=1e-5, atol=0.01 * lr, msg=n)
 
 
+def crashed_save(trainer, module, attr: str) -> None:
+    """Move every weight, then save checkpoint `step_000099` with `module.<attr>` replaced by a
+    function that raises, as a crash at that point of the save would; `<attr>` is restored.
+    Every rank must call it: each dies at the same point (one alone would hang the others)."""
+    import pytest
+    import torch
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(f"simulated crash in {attr}")
+
+    orig = getattr(module, attr)
+    setattr(module, attr, crash)
+    try:
+        with torch.no_grad():
+            for p in trainer.params:
+                p.add_(1.0)
+        trainer.step = 99
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            trainer.save_checkpoint("step_000099")
+    finally:
+        setattr(module, attr, orig)
+
+
 def tiny_overrides(corpus: Path, cache: Path, out: Path) -> list[str]:
     """Overrides for a model and run small enough for 4 processes on 2 cores."""
     return [

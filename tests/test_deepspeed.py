@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError, load_config
-from tests.conftest import assert_weights_close, tiny_overrides
+from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
 from tests.harness import run_distributed
 
 # Before DeepSpeed is imported: its accelerator is chosen once, at first use.
@@ -178,21 +177,8 @@ def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
     _, native, _, _ = _fit(base, tp, f"run.out_dir={out}/n", checkpoints=True)
     t, zero, good, _ = _fit(base, tp, ds, f"run.out_dir={out}/z", checkpoints=True)
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("simulated crash after DeepSpeed's files, before the rename")
-
-    # Every rank dies at the same point (one rank alone would leave the others in a barrier).
-    orig = deepspeed_engine.dcp
-    deepspeed_engine.dcp = SimpleNamespace(save=crash, load=orig.load)
-    try:
-        with torch.no_grad():
-            for p in t.params:
-                p.add_(1.0)
-        t.step = 99
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            t.save_checkpoint("step_000099")
-    finally:
-        deepspeed_engine.dcp = orig
+    # after DeepSpeed's files and the DCP part, before the rename
+    crashed_save(t, deepspeed_engine, "save_shard_state")
     fresh = Trainer(load_config(None, [*base, tp, ds, f"run.out_dir={out}/z"]), callbacks=[])
     path = fresh.resume()
     restored = all(torch.equal(p.detach(), good[n]) for n, p in fresh.named_params)

@@ -12,7 +12,7 @@ from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import load_config
 from ofs_scale.train import Trainer, TrainingStopped
-from tests.conftest import assert_weights_close, tiny_overrides
+from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
 from tests.harness import run_distributed
 
 
@@ -69,19 +69,7 @@ def _killed_save(rank, overrides, tmp):
     trainer.fit()  # 2 steps: periodic step_000001 is written, then stage_main at step 2
     good = {n: p.detach().clone() for n, p in trainer.named_params}
 
-    def crash(tmp_dir, final):
-        raise RuntimeError("simulated crash between write and rename")
-
-    ckpt_mod.commit_dir, orig = crash, ckpt_mod.commit_dir
-    try:
-        with torch.no_grad():
-            for p in trainer.params:
-                p.add_(1.0)
-        trainer.step = 99
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            trainer.save_checkpoint("step_000099")
-    finally:
-        ckpt_mod.commit_dir = orig
+    crashed_save(trainer, ckpt_mod, "commit_dir")  # between the write and the rename
     leftovers = sorted(p.name for p in (tmp / "checkpoints").iterdir())
     fresh = Trainer(cfg, callbacks=[])
     path = fresh.resume()
