@@ -113,23 +113,28 @@ def _instruments(records: list[dict[str, Any]], path: Path) -> Path | None:
     )
 
 
+def _curve(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, finite values) of a top-level key; a step logged twice keeps its last value."""
+    by_step: dict[int, float | None] = {
+        int(r["step"]): finite_number(r[key]) for r in records if key in r
+    }
+    steps = sorted(s for s, v in by_step.items() if v is not None)
+    return steps, [by_step[s] for s in steps]
+
+
 def _loss(records: list[dict[str, Any]], path: Path) -> Path | None:
-    train = {int(r["step"]): finite_number(r["loss"]) for r in records if "loss" in r}
-    val = {int(r["step"]): finite_number(r["val_loss"]) for r in records if "val_loss" in r}
-    train = {s: v for s, v in train.items() if v is not None}
-    val = {s: v for s, v in val.items() if v is not None}
-    cmd = {int(r["step"]): finite_number(r["val_loss_cmd"]) for r in records if "val_loss_cmd" in r}
-    cmd = {s: v for s, v in cmd.items() if v is not None}
-    if not train and not val:
+    train, val, cmd = (_curve(records, k) for k in ("loss", "val_loss", "val_loss_cmd"))
+    if not train[0] and not val[0]:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    if train:
-        ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
-    if val:
-        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val loss")
-    if cmd:
-        steps = sorted(cmd)
-        ax.plot(steps, [cmd[s] for s in steps], "s--", label="val loss, CMD-reconstructed weights")
+    styles = [
+        ("-", "train loss"),
+        ("o-", "val loss"),
+        ("s--", "val loss, CMD-reconstructed weights"),
+    ]
+    for (steps, values), (style, label) in zip((train, val, cmd), styles, strict=True):
+        if steps:
+            ax.plot(steps, values, style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss")
