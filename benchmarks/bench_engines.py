@@ -20,14 +20,14 @@ import warnings
 from pathlib import Path
 
 from ofs_scale.config import load_config
-from ofs_scale.parallel.spawn import run_distributed
+from ofs_scale.testing.distributed import run_distributed
 
 
 def _measure(rank: int, overrides: list[str], steps: int) -> dict[str, float]:
     """Median tokens/s over `steps` steps (after one warm-up step) and optimizer bytes."""
     warnings.filterwarnings("ignore")
     from ofs_scale.optim.sharded import state_bytes
-    from ofs_scale.train import Trainer
+    from ofs_scale.trainer.loop import Trainer
 
     cfg = load_config("configs/smoke.yaml", overrides)
     trainer = Trainer(cfg, callbacks=[])

@@ -23,8 +23,8 @@ import time
 import torch
 from common import parse, smoke_config
 
-from ofs_scale.metrics.callback import MetricsCallback
-from ofs_scale.train import Trainer
+from ofs_scale.instruments.of_metrics import MetricsCallback
+from ofs_scale.trainer.loop import Trainer
 
 
 def timed_step(trainer: Trainer, callbacks: list) -> tuple[float, float]:

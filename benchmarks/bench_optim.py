@@ -25,8 +25,8 @@ import torch
 from ofs_scale.config import load_config
 from ofs_scale.optim.sharded import state_bytes
 from ofs_scale.parallel.mesh import destroy_mesh, init_mesh
-from ofs_scale.parallel.spawn import run_distributed
-from ofs_scale.train import Trainer
+from ofs_scale.testing.distributed import run_distributed
+from ofs_scale.trainer.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,13 @@ import tempfile
 import warnings
 
 from ofs_scale.config import load_config
-from ofs_scale.parallel.pipeline import bubble_fraction
-from ofs_scale.parallel.spawn import run_distributed
+from ofs_scale.engine.pipeline import bubble_fraction
+from ofs_scale.testing.distributed import run_distributed
 
 
 def _tokens_per_s(rank: int, overrides: list[str], steps: int) -> float:
     warnings.filterwarnings("ignore")
-    from ofs_scale.train import Trainer
+    from ofs_scale.trainer.loop import Trainer
 
     cfg = load_config("configs/smoke.yaml", overrides)
     trainer = Trainer(cfg, callbacks=[])

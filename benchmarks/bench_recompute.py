@@ -22,9 +22,9 @@ import time
 import torch
 from common import parse, smoke_config
 
+from ofs_scale.analysis.plan import plan
 from ofs_scale.model.recompute import saved_activation_bytes
-from ofs_scale.plan_memory import plan
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.loop import Trainer
 
 
 def set_recompute(trainer: Trainer, on: bool) -> None:

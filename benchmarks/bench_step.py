@@ -23,7 +23,7 @@ from torch import nn
 from ofs_scale.config import load_config
 from ofs_scale.data import collate
 from ofs_scale.model.blocks import apply_rope, rope_tables
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.loop import Trainer
 
 
 class RefBlock(nn.Module):

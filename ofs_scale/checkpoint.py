@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
 from ofs_scale.config import Config
-from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
 from ofs_scale.parallel.mesh import Mesh
+from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
 
 META = "ofs_meta.json"
 LATEST = "latest"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import load_config
-from ofs_scale.metrics.collapse import BatchlessAuxCallback
+from ofs_scale.instruments.batchless import BatchlessAuxCallback
 from ofs_scale.model.batchless import (
     BatchlessNorm,
     aux_loss,
@@ -16,7 +15,8 @@ from ofs_scale.model.batchless import (
 )
 from ofs_scale.model.norms import build_norm
 from ofs_scale.parallel.grads import average_across_dp
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import assert_weights_close, tiny_overrides
 from tests.harness import run_distributed
 

@@ -111,7 +111,7 @@ OPTIONS = {
 
 
 def _option_checks(rank: int, base: list[str]) -> dict:
-    from ofs_scale.model import analytic_param_count
+    from ofs_scale.model.shapes import analytic_param_count
 
     out = {}
     for name, extra in OPTIONS.items():

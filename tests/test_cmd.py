@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ofs_scale.callbacks import Callback, CheckpointCallback
-from ofs_scale.cmd import main as cmd_main
+from ofs_scale.analysis.cmd import main as cmd_main
 from ofs_scale.config import load_config
+from ofs_scale.instruments.cmd_online import CmdCallback, load_trajectory
 from ofs_scale.metrics.cmd import (
     IncrementalAffine,
     affine_fit,
@@ -20,8 +20,9 @@ from ofs_scale.metrics.cmd import (
     assign_modes,
     decompose,
 )
-from ofs_scale.metrics.cmd_online import CmdCallback, load_trajectory
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.checkpointing import CheckpointCallback
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError, load_config
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.checkpointing import CheckpointCallback
 from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
 from tests.harness import run_distributed
 
@@ -44,8 +45,8 @@ class Records(Callback):
 
 
 def _fit(overrides: list[str], *extra: str, checkpoints: bool = False, metrics: bool = False):
-    from ofs_scale.metrics.callback import MetricsCallback
-    from ofs_scale.train import Trainer
+    from ofs_scale.instruments.of_metrics import MetricsCallback
+    from ofs_scale.trainer.loop import Trainer
 
     rec = Records()
     trainer = Trainer(load_config(None, [*overrides, *extra]), callbacks=[rec])
@@ -107,7 +108,7 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
     )
     # A NaN weight in bf16: DeepSpeed skips the update, the trainer counts bad steps and stops
     # with a checkpoint that a fresh trainer resumes from.
-    from ofs_scale.train import Trainer, TrainingStopped
+    from ofs_scale.trainer.loop import Trainer, TrainingStopped
 
     nan = [*base, ds, "train.dtype=bf16", "train.max_bad_steps=2", f"run.out_dir={out}/nan"]
     cfg = load_config(None, nan)
@@ -170,8 +171,8 @@ def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
     """TP=2, DP=1: DeepSpeed's DP group must be our (size 1) DP group, not the world; then
     checkpoint safety: a crash before the rename is skipped, and a run whose only checkpoint
     is a native one stops instead of starting over it."""
-    from ofs_scale import deepspeed_engine
-    from ofs_scale.train import Trainer
+    from ofs_scale.engine import deepspeed as deepspeed_engine
+    from ofs_scale.trainer.loop import Trainer
 
     tp, ds = "parallel.tp=2", "train.engine=deepspeed"
     _, native, _, _ = _fit(base, tp, f"run.out_dir={out}/n", checkpoints=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import Config, ConfigError, load_config
 from ofs_scale.launch.sweep import load_sweep, point_name
+from ofs_scale.trainer.callbacks import Callback
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
@@ -70,9 +70,9 @@ def hook_calls(run_dir: Path) -> list[dict]:
 def test_local_sweep_runs_points_writes_index_and_calls_hooks(
     tiny_corpus, cache_dir, tmp_path, capsys, monkeypatch
 ):
+    from ofs_scale.analysis.report import main as report_main
     from ofs_scale.launch.__main__ import main
     from ofs_scale.launch.status import status
-    from ofs_scale.report import main as report_main
 
     base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "unused")
     # the real int8 evaluation hook too, as configs/repro/cpu_grid.yaml uses it
@@ -123,8 +123,8 @@ class SignalAt(Callback):
 
 
 def _guarded(rank: int, overrides: list[str]) -> dict:
-    from ofs_scale.launch.signals import PreemptionGuard, finish_preempted
-    from ofs_scale.train import Trainer
+    from ofs_scale.trainer.loop import Trainer
+    from ofs_scale.trainer.preemption import PreemptionGuard, finish_preempted
 
     os.environ.pop("SLURM_JOB_ID", None)
     cfg = load_config(None, overrides)

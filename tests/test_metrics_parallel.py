@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import load_config
 from ofs_scale.data import collate
-from ofs_scale.metrics.callback import MetricsCallback
+from ofs_scale.instruments.of_metrics import MetricsCallback
 from ofs_scale.metrics.collect import Collector, distributed_kth, select_sites
 from ofs_scale.parallel.mesh import destroy_mesh
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
@@ -215,7 +215,7 @@ def test_hooks_only_on_metric_steps(runs):
 
 
 def test_cli_prints_table_and_writes_plots(tiny_corpus, cache_dir, tmp_path, capsys):
-    from ofs_scale.train import main
+    from ofs_scale.trainer.main import main
     from tools.plot_metrics import main as plot_main
 
     over = [

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from ofs_scale.callbacks import CheckpointCallback
 from ofs_scale.config import OptimConfig, load_config
 from ofs_scale.optim import OPTIMIZERS, ShardedOptimizer, build_optimizer
 from ofs_scale.optim.sharded import assign_owners, numel_cost, state_bytes
 from ofs_scale.parallel.mesh import Mesh, init_mesh
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.checkpointing import CheckpointCallback
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import assert_weights_close, tiny_overrides
 from tests.harness import run_distributed
 from tests.test_soap import single_thread  # noqa: F401 (autouse fixture)

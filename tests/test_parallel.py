@@ -9,7 +9,7 @@ from ofs_scale.config import load_config
 from ofs_scale.data import collate
 from ofs_scale.parallel.gather import full_named
 from ofs_scale.parallel.grads import average_across_dp
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
@@ -90,7 +90,7 @@ def test_layout_matches_single_process(layout, reference):
 
 
 def _train_save_eval(rank, over):
-    from ofs_scale.callbacks import CheckpointCallback
+    from ofs_scale.trainer.checkpointing import CheckpointCallback
 
     cfg = load_config(None, over)
     trainer = Trainer(cfg, callbacks=[CheckpointCallback()])

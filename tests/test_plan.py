@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ofs_scale.analysis.plan import optimizer_state_numel, plan
 from ofs_scale.config import load_config
-from ofs_scale.plan_memory import optimizer_state_numel, plan
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 
@@ -109,7 +109,7 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     out = capsys.readouterr().out
     assert "optimizer state" in out and "FLOPs per token" in out
     # the 7B dry run validates and sizes the model on the meta device
-    from ofs_scale.train import dry_run
+    from ofs_scale.trainer.main import dry_run
 
     dry_run(load_config(op7b))
     assert "6,704,607,232" in capsys.readouterr().out

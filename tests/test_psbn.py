@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import load_config
-from ofs_scale.metrics.collapse import CollapseCallback, dead_fraction, gamma_small_fractions
+from ofs_scale.instruments.collapse import CollapseCallback, dead_fraction, gamma_small_fractions
 from ofs_scale.model.psbn import PostShiftBatchNorm
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import tiny_overrides
 from tests.harness import run_distributed
 from tests.test_batchless import _first_step_grads

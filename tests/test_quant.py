@@ -90,12 +90,12 @@ def plant_outlier(model, channel: int, factor: float) -> None:
 def _single(rank, overrides, run_dir):
     import torch.distributed as dist
 
-    from ofs_scale.callbacks import CheckpointCallback
     from ofs_scale.config import load_config
     from ofs_scale.quant.__main__ import main as quant_main
     from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
     from ofs_scale.quant.spec import QuantSpec
-    from ofs_scale.train import Trainer
+    from ofs_scale.trainer.checkpointing import CheckpointCallback
+    from ofs_scale.trainer.loop import Trainer
 
     trainer = Trainer(load_config(None, overrides), callbacks=[CheckpointCallback()])
     trainer.fit()

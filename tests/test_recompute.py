@@ -15,7 +15,7 @@ from ofs_scale.config import load_config
 from ofs_scale.model import build_model
 from ofs_scale.model.recompute import saved_activation_bytes
 from ofs_scale.parallel.mesh import init_mesh
-from ofs_scale.train import Trainer
+from ofs_scale.trainer.loop import Trainer
 from tests.conftest import assert_weights_close, tiny_overrides
 from tests.harness import run_distributed
 

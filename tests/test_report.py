@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ofs_scale.report import ReportError, find_points, main, point_row, report
+from ofs_scale.analysis.report import ReportError, find_points, main, point_row, report
 
 
 def _write_point(run_dir, kurt, loss, with_quant=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import resource
 
 from ofs_scale.config import load_config
-from ofs_scale.model import analytic_param_count, count_params
-from ofs_scale.parallel.plan import layer_chunks, per_rank_param_counts
+from ofs_scale.model.shapes import analytic_param_count, count_params, per_rank_param_counts
+from ofs_scale.parallel.stages import layer_chunks
 from tests.harness import run_distributed
 
 SEVEN_B = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "data.vocab_size=32000"]
@@ -18,7 +18,7 @@ def test_layer_chunks_balanced():
 
 
 def test_dry_run_7b_allocates_nothing(capsys):
-    from ofs_scale.train import main
+    from ofs_scale.trainer.main import main
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rc = main(["--dry-run", *SEVEN_B, "model.block=op", "parallel.tp=4", "parallel.pp=4"])

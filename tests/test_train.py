@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from ofs_scale import checkpoint as ckpt_mod
-from ofs_scale.callbacks import Callback, CheckpointCallback
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import load_config
-from ofs_scale.train import Trainer, TrainingStopped
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.checkpointing import CheckpointCallback
+from ofs_scale.trainer.loop import Trainer, TrainingStopped
 from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
 from tests.harness import run_distributed
 
@@ -172,7 +173,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_corpus, cache_dir, tmp_path
 
 
 def test_cli_writes_metrics_and_summary(tiny_corpus, cache_dir, tmp_path, capsys):
-    from ofs_scale.train import main
+    from ofs_scale.trainer.main import main
 
     over = [
         *tiny_overrides(tiny_corpus, cache_dir, tmp_path),
@@ -206,7 +207,7 @@ class FirstMetrics(Callback):
 
 
 def _losses_and_ckpts(rank, overrides):
-    from ofs_scale.metrics.callback import MetricsCallback
+    from ofs_scale.instruments.of_metrics import MetricsCallback
 
     cfg = load_config(None, overrides)
     rec, first = Losses(), FirstMetrics()

@@ -18,8 +18,8 @@ import warnings
 from rich.console import Console
 from rich.table import Table
 
+from ofs_scale.analysis.plan import GIB, Plan, plan
 from ofs_scale.config import ConfigError, load_config
-from ofs_scale.plan_memory import GIB, Plan, plan
 
 console = Console()
 FITS, NEEDS_CHECKPOINTING, DOES_NOT_FIT = 0, 3, 4

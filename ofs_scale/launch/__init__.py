@@ -6,6 +6,6 @@ python -m ofs_scale.launch tail RUN_DIR [-n N] [--follow]
 """
 
 from ofs_scale.launch.job import TrainJob, run_point, train_run
-from ofs_scale.launch.signals import PreemptionGuard, finish_preempted
+from ofs_scale.trainer.preemption import PreemptionGuard, finish_preempted
 
 __all__ = ["PreemptionGuard", "TrainJob", "finish_preempted", "run_point", "train_run"]

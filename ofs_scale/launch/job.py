@@ -26,7 +26,7 @@ import submitit
 import torch
 
 from ofs_scale.config import Config, ConfigError, load_config
-from ofs_scale.launch.signals import PreemptionGuard
+from ofs_scale.trainer.preemption import PreemptionGuard
 
 CONFIG_SNAPSHOT = "launch.yaml"
 
@@ -98,7 +98,7 @@ def train_run(
     (`last_job` False), whose `cfg` ends at their own stage. Tears the process group down
     before returning."""
     from ofs_scale.parallel.mesh import destroy_mesh
-    from ofs_scale.train import Trainer
+    from ofs_scale.trainer.loop import Trainer
 
     try:
         trainer = Trainer(cfg)

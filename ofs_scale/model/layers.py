@@ -11,7 +11,6 @@ under any TP size; megatron-core's CUDA RNG tracker is never needed.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -30,14 +29,6 @@ with warnings.catch_warnings():
         set_tensor_model_parallel_attributes,
         vocab_parallel_cross_entropy,
     )
-
-VOCAB_MULTIPLE = 128
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocabulary padded to a multiple of 128 (and of tp), the same for every tp dividing 128."""
-    multiple = math.lcm(VOCAB_MULTIPLE, tp)
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -171,12 +162,3 @@ class ParallelLayers:
     def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token loss from vocab-parallel logits (..., V/tp) and targets (...)."""
         return vocab_parallel_cross_entropy(logits.float(), targets)
-
-
-def is_tp_sharded(p: torch.Tensor) -> bool:
-    """Whether a parameter is split over the tensor-parallel group."""
-    return bool(getattr(p, "tensor_model_parallel", False))
-
-
-def tp_partition_dim(p: torch.Tensor) -> int:
-    return int(getattr(p, "partition_dim", -1))

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
 from ofs_scale.parallel.mesh import Mesh
+from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
 
 
 def full_tensor(t: torch.Tensor, param: nn.Parameter, mesh: Mesh) -> torch.Tensor:

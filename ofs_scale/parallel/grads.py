@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ofs_scale.model.layers import is_tp_sharded
 from ofs_scale.parallel.mesh import Mesh
+from ofs_scale.parallel.tp import is_tp_sharded
 
 BUCKET_ELEMS = 1 << 24
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError
+from ofs_scale.console import console
 from ofs_scale.data import DataError
-from ofs_scale.logs import console
 from ofs_scale.metrics.records import load_records
 from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
 from ofs_scale.quant.spec import QuantSpec

@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from ofs_scale.model import blocks
-from ofs_scale.model.layers import is_tp_sharded, tp_partition_dim
+from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
 from ofs_scale.quant.fake import fake_quant_asym, fake_quant_dynamic, fake_quant_weight
 from ofs_scale.quant.spec import QuantSpec
 

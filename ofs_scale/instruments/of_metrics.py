@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich import box
 from rich.table import Table
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import ConfigError
-from ofs_scale.logs import console
+from ofs_scale.console import console
 from ofs_scale.metrics.collect import MLP, RESID, Collector, Site, select_sites
-
-if TYPE_CHECKING:
-    from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 
 def _fmt(value: float | None) -> str:
@@ -44,12 +41,12 @@ class MetricsCallback(Callback):
         self.last_step = 0
         self.plot_paths: list[Path] = []
 
-    def is_metric_step(self, trainer: Trainer, step: int) -> bool:
+    def is_metric_step(self, trainer: TrainerView, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is measured."""
         every = trainer.cfg.metrics.every
         return every > 0 and step % every == 0
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         cfg = trainer.cfg
         if cfg.metrics.every < 0:
             raise ConfigError(f"metrics.every={cfg.metrics.every} must be >= 0 (0 turns it off)")
@@ -68,13 +65,13 @@ class MetricsCallback(Callback):
                 f"of logging.every={log_every}: some metric steps will not reach metrics.jsonl"
             )
 
-    def pre_step(self, trainer: Trainer, step: int) -> None:
+    def pre_step(self, trainer: TrainerView, step: int) -> None:
         if not self.is_metric_step(trainer, step):
             return
         self.collector = Collector(self.sites, trainer.mesh)
         self.collector.attach(trainer.engine.chunks)
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if self.collector is None:
             return
         try:
@@ -86,7 +83,7 @@ class MetricsCallback(Callback):
         record.update(values)
         self.last, self.last_step = values, step
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.collector is not None:  # the run stopped inside a metric step
             self.collector.detach()
             self.collector = None
@@ -126,7 +123,7 @@ class MetricsCallback(Callback):
             table.add_row(site, *[_fmt(c) for c in cells])
         return table
 
-    def summary(self, trainer: Trainer) -> dict[str, Any]:
+    def summary(self, trainer: TrainerView) -> dict[str, Any]:
         if not self.last:
             return {}
         v = self.last

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ofs_scale.config import Config, OptimConfig
-from ofs_scale.parallel.plan import stage_param_shapes
+from ofs_scale.model.shapes import stage_param_shapes
 
 GIB = 1024**3
 F32 = 4
@@ -145,7 +145,8 @@ def flops_per_token(cfg: Config, total_params: int, embed_params: int) -> float:
 def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
     """The plan of `cfg` on `gpus` GPUs (ValueError when the layout cannot be formed)."""
     from ofs_scale.config import check_world
-    from ofs_scale.model import analytic_param_count, padded_vocab_size
+    from ofs_scale.model.shapes import analytic_param_count
+    from ofs_scale.parallel.tp import padded_vocab_size
 
     p = cfg.parallel
     dp = check_world(cfg, gpus)

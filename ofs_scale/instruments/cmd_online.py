@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.metrics.cmd import IncrementalAffine, allocate_samples, assign_modes, cluster_modes
-from ofs_scale.model.layers import is_tp_sharded
-
-if TYPE_CHECKING:
-    from ofs_scale.train import Trainer
+from ofs_scale.parallel.tp import is_tp_sharded
+from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 SAMPLES, TRAJECTORY, STEPS = "samples.json", "trajectory.f32", "steps.i64"
 
@@ -47,7 +44,7 @@ SAMPLES, TRAJECTORY, STEPS = "samples.json", "trajectory.f32", "steps.i64"
 class WeightSampler:
     """Which K weights are recorded, and their values gathered into one vector on every rank."""
 
-    def __init__(self, trainer: Trainer, num_weights: int, min_per_layer: int) -> None:
+    def __init__(self, trainer: TrainerView, num_weights: int, min_per_layer: int) -> None:
         m = trainer.mesh
         self.device = m.device
         owned = [
@@ -143,7 +140,7 @@ class CmdCallback(Callback):
         self.fits: list[IncrementalAffine] = []
         self.restored: dict[str, Any] | None = None
 
-    def shard_state(self, trainer: Trainer) -> dict[str, Any] | None:
+    def shard_state(self, trainer: TrainerView) -> dict[str, Any] | None:
         if not trainer.cfg.metrics.cmd.online or self.sampler is None or trainer.mesh.dp_rank:
             return None  # DP rank 0 writes the state of its (pp, tp) shard
         state: dict[str, Any] = {"columns": json.dumps(self.sampler.columns)}
@@ -155,10 +152,10 @@ class CmdCallback(Callback):
             state["fits"] = [fit.state_dict() for fit in self.fits]
         return state
 
-    def load_shard_state(self, trainer: Trainer, state: dict[str, Any] | None) -> None:
+    def load_shard_state(self, trainer: TrainerView, state: dict[str, Any] | None) -> None:
         self.restored = state
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         c = trainer.cfg.metrics.cmd
         self.sampler = WeightSampler(trainer, c.num_weights, c.min_per_layer)
         if trainer.mesh.is_logging_rank:
@@ -170,7 +167,7 @@ class CmdCallback(Callback):
         if trainer.step == 0:
             self._record(trainer, 0, {})
 
-    def _restore(self, trainer: Trainer) -> None:
+    def _restore(self, trainer: TrainerView) -> None:
         """Continue the online state of the resumed checkpoint, on every rank or on none."""
         st, self.restored = self.restored, None
         try:
@@ -194,11 +191,11 @@ class CmdCallback(Callback):
             self.sampled = list(st["sampled"])
             self.window = [list(rows) for rows in zip(*st["window"])] if st["window"] else []
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if step % trainer.cfg.metrics.cmd.every == 0:
             self._record(trainer, step, record)
 
-    def _record(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def _record(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         values = self.sampler.gather()
         if self.file is not None:
             self.file.append(step, values)
@@ -219,7 +216,7 @@ class CmdCallback(Callback):
         if self.refs is not None:
             record["cmd/rel_error"] = self.reconstruction_error(trainer, values[self.refs])
 
-    def _freeze(self, trainer: Trainer, num_modes: int) -> None:
+    def _freeze(self, trainer: TrainerView, num_modes: int) -> None:
         """Modes and references from the sampled window; assignment and a, b for every weight."""
         W_KT = torch.stack(self.sampled, dim=1)
         _, refs = cluster_modes(W_KT.numpy(), num_modes)
@@ -235,7 +232,7 @@ class CmdCallback(Callback):
             self.fits.append(fit)
         self.window, self.sampled = [], []
 
-    def reconstruction_error(self, trainer: Trainer, r_M: torch.Tensor) -> float:
+    def reconstruction_error(self, trainer: TrainerView, r_M: torch.Tensor) -> float:
         """||W - W_hat|| / ||W|| over every weight of the model (each counted once)."""
         m = trainer.mesh
         sums = torch.zeros(2, dtype=torch.float64, device=m.device)
@@ -249,7 +246,7 @@ class CmdCallback(Callback):
             dist.all_reduce(sums)
         return float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else 0.0
 
-    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if self.refs is None:
             return
         r_M = self.sampler.gather()[self.refs]

@@ -7,22 +7,13 @@ rank's micro batches) on every rank of the pipeline.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ofs_scale.config import Config
+from ofs_scale.engine.base import Batch, autocast_context
 from ofs_scale.model import GPT, build_model
 from ofs_scale.parallel.mesh import Mesh
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def autocast_context(dtype: str, device: torch.device):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LocalEngine:
@@ -63,30 +54,3 @@ class LocalEngine:
     def train(self, mode: bool = True) -> None:
         for c in self.chunks:
             c.train(mode)
-
-
-class ChunkView(nn.Module):
-    """Several pipeline chunks of one rank seen as one module (their names do not overlap)."""
-
-    def __init__(self, chunks: list[nn.Module]) -> None:
-        super().__init__()
-        self._chunks = chunks
-
-    def named_parameters(self, *args, **kwargs):
-        for c in self._chunks:
-            yield from c.named_parameters(*args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):
-        out = {}
-        for c in self._chunks:
-            out.update(c.state_dict(*args, **kwargs))
-        return out
-
-
-def build_engine(cfg: Config, mesh: Mesh, vocab_size: int):
-    """The engine for this layout: local for pp=1, pipelined otherwise."""
-    if mesh.pp == 1:
-        return LocalEngine(cfg, mesh, vocab_size)
-    from ofs_scale.parallel.pipeline import PipelineEngine
-
-    return PipelineEngine(cfg, mesh, vocab_size)

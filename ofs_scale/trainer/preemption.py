@@ -19,15 +19,12 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ofs_scale.callbacks import Callback
-
-if TYPE_CHECKING:
-    from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 REQUEUE_SIGNAL = signal.SIGUSR1
 
@@ -63,7 +60,7 @@ class PreemptionGuard(Callback):
         if self.received is None:
             self.received = signum
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         code = 0 if self.received is None else int(self.received)
         flag = torch.tensor([code], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -82,7 +79,7 @@ class PreemptionGuard(Callback):
         """A requeue signal stopped the run."""
         return self.agreed and self.received in self.requeue_signals
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.agreed and trainer.mesh.is_logging_rank:
             name = signal.Signals(self.received).name if self.received else "?"
             trainer.log(f"[launch] {name} received: stopped at step {trainer.step}")
@@ -104,7 +101,7 @@ def slurm_requeue(job_id: str | None = None) -> str:
     return f"job {job_id} requeued; it resumes from the checkpoint"
 
 
-def finish_preempted(trainer: Trainer, guard: PreemptionGuard) -> str | None:
+def finish_preempted(trainer: TrainerView, guard: PreemptionGuard) -> str | None:
     """After `fit()`: requeue the job (rank 0) if a requeue signal stopped it. Returns the
     message to print, or None when the run was not stopped by a signal."""
     if not (guard.agreed and trainer.stopped_early):

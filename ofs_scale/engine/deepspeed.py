@@ -41,7 +41,8 @@ from ofs_scale.checkpoint import (
     write_atomic,
 )
 from ofs_scale.config import Config
-from ofs_scale.engine import Batch, LocalEngine
+from ofs_scale.engine.base import Batch
+from ofs_scale.engine.local import LocalEngine
 from ofs_scale.optim.adamw import param_groups
 from ofs_scale.parallel.mesh import Mesh
 

@@ -6,20 +6,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from ofs_scale.callbacks import Callback
 from ofs_scale.config import to_dict
-
-if TYPE_CHECKING:
-    from ofs_scale.train import Trainer
-
-# soft_wrap: long lines (paths) are not cut by the console width when output goes to a log file.
-console = Console(stderr=False, soft_wrap=True)
+from ofs_scale.console import console
+from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 
 def _clean(v: Any) -> Any:
@@ -34,7 +27,7 @@ class JsonlLogger(Callback):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and trainer.step:
             # Drop records past the resumed step: they belong to work that is being redone.
@@ -54,12 +47,12 @@ class JsonlLogger(Callback):
         with self.path.open("a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         every = trainer.cfg.logging.every
         if step % every == 0 or trainer.is_stage_end(step) or record.get("skipped"):
             self._write(record)
 
-    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         self._write(record)
 
 
@@ -71,7 +64,7 @@ class WandbLogger(Callback):
         self.project = project
         self.run = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
@@ -87,14 +80,14 @@ class WandbLogger(Callback):
             id=_wandb_id(out),
         )
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if step % trainer.cfg.logging.every == 0:
             self.run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
 
-    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k.startswith("val")}, step=step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
@@ -118,7 +111,7 @@ class ProgressLogger(Callback):
         self.task = None
         self.total = 0
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.total = trainer.cfg.total_steps
         self.print_every = max(1, self.total // 20)
         if console.is_terminal:
@@ -135,7 +128,7 @@ class ProgressLogger(Callback):
                 "train", total=self.total, completed=trainer.step, loss="-", tps="-"
             )
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         loss, tps = record["loss"], record["tokens_per_s"]
         if self.progress is not None:
             self.progress.update(
@@ -151,24 +144,14 @@ class ProgressLogger(Callback):
                 f"lr {record['lr']:.2e} {tps:,.0f} tok/s"
             )
 
-    def on_eval(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         msg = f"step {step}: val_loss {record['val_loss']:.4f} val_ppl {record['val_ppl']:.2f}"
         if self.progress is not None:
             self.progress.console.print(msg)
         else:
             console.print(msg)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def print_summary(rows: dict[str, Any], title: str = "run summary") -> None:
-    """A two-column table of the run's headline numbers."""
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in rows.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    console.print(table)

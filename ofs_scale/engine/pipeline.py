@@ -22,10 +22,10 @@ from torch.distributed.pipelining import (
 )
 
 from ofs_scale.config import Config
-from ofs_scale.engine import Batch, ChunkView, autocast_context
+from ofs_scale.engine.base import Batch, ChunkView, autocast_context
 from ofs_scale.model import GPT, build_model
 from ofs_scale.parallel.mesh import Mesh
-from ofs_scale.parallel.plan import layer_chunks, rank_chunks
+from ofs_scale.parallel.stages import layer_chunks, rank_chunks
 
 
 def bubble_fraction(schedule: str, pp: int, n_micro: int, virtual_stages: int = 1) -> float:

@@ -1,4 +1,4 @@
-"""Collapse metrics (dead MLP units, vanishing norm gains) and the batchless-norm aux loss.
+"""Collapse metrics: dead MLP units and vanishing norm gains.
 
 On metric steps (`metrics.every`) `CollapseCallback` adds to the step record:
 
@@ -10,27 +10,19 @@ On metric steps (`metrics.every`) `CollapseCallback` adds to the step record:
   collapse attractor of BN + ReLU (psBN's post-shift keeps ReLU alive there). `<norm>` is the
   module path, e.g. `layers.0.norm2`, `final_norm`. Gains are replicated over TP and DP.
 
-`BatchlessAuxCallback` adds `bln/aux_loss` every step: the sum over batchless norm layers of each
-layer's auxiliary loss (mean over the step's micro batches and DP ranks), before `bln_weight`.
-
 Shapes: F MLP hidden units on this TP rank.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ofs_scale.callbacks import Callback
-from ofs_scale.model.batchless import pop_aux_losses
 from ofs_scale.model.recompute import recomputing
-
-if TYPE_CHECKING:
-    from ofs_scale.config import Config
-    from ofs_scale.train import Trainer
+from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 GAMMA_SMALL = 1e-2
 
@@ -70,7 +62,7 @@ class CollapseCallback(Callback):
 
         return hook
 
-    def pre_step(self, trainer: Trainer, step: int) -> None:
+    def pre_step(self, trainer: TrainerView, step: int) -> None:
         every = trainer.cfg.metrics.every
         if not every or step % every:
             return
@@ -79,7 +71,7 @@ class CollapseCallback(Callback):
             for key, block in chunk.layers.items():
                 self.handles.append(block.mlp.hidden.register_forward_hook(self._hook(int(key))))
 
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if not self.handles:
             return
         for h in self.handles:
@@ -87,7 +79,7 @@ class CollapseCallback(Callback):
         self.handles = []
         record.update(self.reduce(trainer))
 
-    def reduce(self, trainer: Trainer) -> dict[str, float]:
+    def reduce(self, trainer: TrainerView) -> dict[str, float]:
         """Combine this rank's captured activations and gains with every other rank's."""
         m = trainer.mesh
         num_layers = trainer.cfg.model.n_layers
@@ -129,41 +121,9 @@ class CollapseCallback(Callback):
         return out
 
     @staticmethod
-    def _width(trainer: Trainer, layer: int) -> int:
+    def _width(trainer: TrainerView, layer: int) -> int:
         for chunk in trainer.engine.chunks:
             if str(layer) in chunk.layers:
                 up = chunk.layers[str(layer)].mlp.up
                 return int(up.weight.shape[0])
         raise KeyError(layer)
-
-
-class BatchlessAuxCallback(Callback):
-    """Logs `bln/aux_loss` every step (see the module docstring)."""
-
-    def post_step(self, trainer: Trainer, step: int, record: dict[str, Any]) -> None:
-        m = trainer.mesh
-        total = 0.0
-        for chunk in trainer.engine.chunks:
-            total += pop_aux_losses(chunk)[0]
-        t = torch.tensor([total], dtype=torch.float64, device=m.device)
-        if m.pp > 1:
-            dist.all_reduce(t, group=m.pp_group)
-        if m.dp > 1:
-            dist.all_reduce(t, group=m.dp_group)
-            t /= m.dp
-        record["bln/aux_loss"] = float(t)
-
-
-def instrument_callbacks(cfg: Config) -> list[Callback]:
-    """The training-dynamics instruments a config asks for: collapse metrics on metric steps,
-    the batchless aux loss with `model.norm=batchless`, CMD with `metrics.cmd.every`."""
-    cbs: list[Callback] = []
-    if cfg.metrics.every:
-        cbs.append(CollapseCallback())
-    if cfg.model.norm == "batchless":
-        cbs.append(BatchlessAuxCallback())
-    if cfg.metrics.cmd.every:
-        from ofs_scale.metrics.cmd_online import CmdCallback
-
-        cbs.append(CmdCallback())
-    return cbs

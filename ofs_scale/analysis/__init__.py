@@ -1,0 +1,1 @@
+"""Offline analysis of runs: the sweep report, CMD analysis and the memory / step-time planner."""

@@ -1,0 +1,309 @@
+"""The Trainer: stages, steps, evaluation, checkpoints and callbacks of one run."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ofs_scale.checkpoint import (
+    CheckpointManager,
+    checkpoint_fingerprint,
+    load_shard_state,
+    training_state,
+)
+from ofs_scale.config import Config, check_world, dump_yaml
+from ofs_scale.console import console
+from ofs_scale.data import (
+    BatchSampler,
+    collate,
+    eval_micro_batches,
+    open_data,
+    prepare_data,
+)
+from ofs_scale.engine import build_engine
+from ofs_scale.instruments import build_instruments
+from ofs_scale.optim import build_optimizer, lr_at, stage_at
+from ofs_scale.parallel.grads import average_across_dp, clip_grads, global_grad_norm
+from ofs_scale.parallel.mesh import Mesh, init_mesh
+from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.trainer.checkpointing import CheckpointCallback
+from ofs_scale.trainer.loggers import JsonlLogger, ProgressLogger, WandbLogger
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps); a checkpoint was written."""
+
+
+class Trainer:
+    """Owns the mesh, data, model engine, optimizer and callbacks of one run."""
+
+    def __init__(
+        self, cfg: Config, callbacks: list[Callback] | None = None, mesh: Mesh | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.mesh = mesh or init_mesh(
+            cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend, cfg.train.device
+        )
+        m = self.mesh
+        check_world(cfg, m.world_size)
+        self.out_dir = Path(cfg.run.out_dir)
+        torch.manual_seed(cfg.run.seed)
+
+        self.prepared = self._prepare_data()
+        self.train_split, self.val_split = open_data(self.prepared, cfg.data.seq_len)
+        t = cfg.train
+        self.sampler = BatchSampler(
+            self.train_split.num_samples,
+            t.global_batch,
+            t.micro_batch,
+            m.dp_rank,
+            m.dp,
+            cfg.run.seed,
+        )
+        self.deepspeed = t.engine == "deepspeed"
+        if self.deepspeed:  # DeepSpeed ZeRO owns reduction, clipping and the AdamW update
+            from ofs_scale.engine.deepspeed import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(cfg, m, self.prepared.vocab_size)
+        else:
+            self.engine = build_engine(cfg, m, self.prepared.vocab_size)
+        self.named_params = self.engine.named_parameters()
+        self.params = [p for _, p in self.named_params]
+        if self.deepspeed:
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = build_optimizer(self.named_params, cfg.optim, m)
+        self.ckpt = CheckpointManager(
+            cfg.checkpoint.dir or self.out_dir / "checkpoints",
+            m,
+            cfg.checkpoint.keep,
+            fingerprint=checkpoint_fingerprint(cfg),
+        )
+        self.step = 0
+        self.tokens = 0
+        self.bad_streak = 0
+        # Set (e.g. by a signal handler) to checkpoint after the current step and return.
+        self.stop_requested = False
+        self.stopped_early = False
+        self.last_record: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _prepare_data(self):
+        d = self.cfg.data
+        args = (d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, d.max_files)
+        if self.mesh.rank == 0:
+            prepared = prepare_data(*args, show_progress=self.cfg.logging.progress)
+        dist.barrier()
+        if self.mesh.rank != 0:
+            prepared = prepare_data(*args, show_progress=False)
+        return prepared
+
+    def default_callbacks(self) -> list[Callback]:
+        cbs: list[Callback] = build_instruments(self.cfg)
+        if self.mesh.is_logging_rank:
+            cbs.append(JsonlLogger(self.out_dir / "metrics.jsonl"))
+            if self.cfg.logging.wandb != "disabled":
+                cbs.append(WandbLogger(self.cfg.logging.wandb, self.cfg.logging.project))
+            if self.cfg.logging.progress:
+                cbs.append(ProgressLogger())
+        cbs.append(CheckpointCallback())
+        return cbs
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        extra = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "bad_streak": self.bad_streak,
+            "sampler": self.sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if self.deepspeed:
+            return self.engine.checkpoint_state(extra)
+        return training_state(self.engine.state_module, self.optimizer, extra, self.mesh)
+
+    def save_checkpoint(self, name: str) -> Path:
+        shards = {}
+        for cb in self.callbacks:
+            if (st := cb.shard_state(self)) is not None:
+                shards[type(cb).__name__] = st
+        if self.deepspeed:
+            return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
+        return self.ckpt.save(name, self.state(), self.step, shards)
+
+    def resume(self) -> Path | None:
+        """Load the newest usable checkpoint of this run, if any."""
+        state = self.state()
+        if self.deepspeed:
+            path = self.engine.load_latest(self.ckpt, state, log=self.log)
+        else:
+            path = self.ckpt.load_latest(state, log=self.log)
+        if path is None:
+            return None
+        extra = state["extra"]
+        self.step = int(extra["step"])
+        self.tokens = int(extra["tokens"])
+        self.bad_streak = int(extra["bad_streak"])
+        self.sampler.load_state_dict(extra["sampler"])
+        torch.set_rng_state(extra["rng"])
+        shards, problem = load_shard_state(path, self.mesh)
+        if problem:
+            self.log(f"[checkpoint] {path}: callback state not restored ({problem})")
+        for cb in self.callbacks:
+            cb.load_shard_state(self, shards.get(type(cb).__name__))
+        self.log(f"resumed from {path} at step {self.step}")
+        return path
+
+    def log(self, msg: str) -> None:
+        """A plain message from the logging rank (`[tag]` prefixes and paths stay as written)."""
+        if self.mesh.is_logging_rank:
+            console.print(msg, markup=False, highlight=False)
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def is_stage_end(self, step: int) -> bool:
+        ends = 0
+        for s in self.cfg.train.stages:
+            ends += s.steps
+            if step == ends:
+                return True
+        return False
+
+    def _batches(self, split, ids_list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [collate(split, ids) for ids in ids_list]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the next global batch; returns its record."""
+        cfg, m = self.cfg, self.mesh
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg.train.stages, cfg.optim.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train(True)
+        batches = self._batches(self.train_split, self.sampler.next())
+        if self.deepspeed:
+            loss, norm, finite = self.engine.step(batches)
+            self.bad_streak = 0 if finite else self.bad_streak + 1
+        else:
+            loss = self.engine.forward_backward(batches)
+            average_across_dp(self.params, m)
+            if m.dp > 1:
+                dist.all_reduce(loss, group=m.dp_group)
+                loss /= m.dp
+            norm = global_grad_norm(self.params, m)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+            if finite:
+                clip_grads(self.params, cfg.train.grad_clip, norm)
+                self.optimizer.step()
+                self.bad_streak = 0
+            else:
+                self.bad_streak += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        step_tokens = cfg.train.global_batch * cfg.data.seq_len
+        self.tokens += step_tokens
+        dt = time.perf_counter() - t0
+        stage_idx, _ = stage_at(self.step - 1, cfg.train.stages)
+        record = {
+            "step": self.step,
+            "stage": cfg.train.stages[stage_idx].name,
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": float(norm),
+            "tokens": self.tokens,
+            "tokens_per_s": step_tokens / dt,
+            "step_time_s": dt,
+        }
+        if not finite:
+            record["skipped"] = True
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        cfg, m = self.cfg, self.mesh
+        ids = eval_micro_batches(
+            self.val_split.num_samples,
+            cfg.train.eval_batches,
+            cfg.train.global_batch,
+            cfg.train.micro_batch,
+            m.dp_rank,
+            m.dp,
+        )
+        self.engine.train(False)
+        loss = self.engine.evaluate(self._batches(self.val_split, ids))
+        if m.dp > 1:
+            dist.all_reduce(loss, group=m.dp_group)
+            loss /= m.dp
+        val = float(loss)
+        return {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def fit(self) -> dict[str, Any]:
+        """Train every remaining step of every stage (resuming if a checkpoint exists)."""
+        cfg = self.cfg
+        self.resume()
+        if self.mesh.is_logging_rank:
+            # The resolved config next to the checkpoints: quant eval rebuilds the model from it.
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        total = cfg.total_steps
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        try:
+            while self.step < total:
+                for cb in self.callbacks:
+                    cb.pre_step(self, self.step + 1)
+                record = self.train_step()
+                self.last_record = record
+                for cb in self.callbacks:
+                    cb.post_step(self, self.step, record)
+                if self.bad_streak >= cfg.train.max_bad_steps:
+                    name = f"step_{self.step:06d}"
+                    self.save_checkpoint(name)
+                    raise TrainingStopped(
+                        f"{self.bad_streak} non-finite steps in a row at step {self.step}; "
+                        f"checkpoint {name} written. Lower optim.lr, enable train.grad_clip, "
+                        "or use train.dtype=fp32, then resume"
+                    )
+                stage_end = self.is_stage_end(self.step)
+                if self.stop_requested and not stage_end:
+                    self.save_checkpoint(f"step_{self.step:06d}")
+                    self.stopped_early = True
+                    self.log(f"stop requested: checkpoint written at step {self.step}")
+                    break
+                every = cfg.train.eval_every
+                if stage_end or (every and self.step % every == 0):
+                    self.last_eval = self.evaluate()
+                    for cb in self.callbacks:
+                        cb.on_eval(self, self.step, self.last_eval)
+                if stage_end:
+                    idx, _ = stage_at(self.step - 1, cfg.train.stages)
+                    for cb in self.callbacks:
+                        cb.on_stage_end(self, idx)
+                    if self.stop_requested:
+                        self.stopped_early = self.step < total
+                        break
+        finally:
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        rows: dict[str, Any] = {"steps": self.step, "tokens": self.tokens}
+        if self.last_record:
+            rows["final loss"] = self.last_record["loss"]
+            rows["tokens/s"] = self.last_record["tokens_per_s"]
+        if self.last_eval:
+            rows["val loss"] = self.last_eval["val_loss"]
+            rows["val ppl"] = self.last_eval["val_ppl"]
+        for cb in self.callbacks:
+            rows.update(cb.summary(self))
+        return rows

@@ -1,0 +1,75 @@
+"""The training entry point.
+
+python -m ofs_scale.train --config configs/smoke.yaml [section.key=value ...] [--dry-run]
+torchrun --nproc_per_node=N -m ofs_scale.train --config ... parallel.tp=2 parallel.pp=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch.distributed as dist
+
+from ofs_scale.checkpoint import CheckpointError
+from ofs_scale.config import Config, ConfigError, dump_yaml, load_config
+from ofs_scale.console import console, print_summary
+from ofs_scale.data import DataError
+from ofs_scale.model.shapes import analytic_param_count, per_rank_param_counts
+from ofs_scale.parallel.mesh import destroy_mesh
+from ofs_scale.trainer.loop import Trainer, TrainingStopped
+from ofs_scale.trainer.preemption import PreemptionGuard, finish_preempted
+
+
+def dry_run(cfg: Config) -> None:
+    """Print the resolved config and parameter counts without allocating the model."""
+    console.print(dump_yaml(cfg))
+    vocab = cfg.data.vocab_size
+    total = analytic_param_count(cfg, vocab)
+    rows = {"parameters (total)": f"{total:,}"}
+    counts = per_rank_param_counts(cfg, vocab)
+    for pp_rank, n in enumerate(counts):
+        rows[f"parameters per rank, pp stage {pp_rank} (tp={cfg.parallel.tp})"] = f"{n:,}"
+    print_summary(rows, title="dry run (nothing allocated)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ofs_scale.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print config and sizes, exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        guard = PreemptionGuard().install()  # SIGUSR1/SIGTERM: checkpoint, stop, requeue
+        trainer = Trainer(cfg)
+        trainer.callbacks.append(guard)
+        summary = trainer.fit()
+        if trainer.mesh.is_logging_rank:
+            print_summary(summary)
+            console.print(f"metrics: {trainer.out_dir / 'metrics.jsonl'}")
+        if (message := finish_preempted(trainer, guard)) is not None:
+            console.print(f"[launch] {message}", markup=False, highlight=False)
+    except (ConfigError, DataError, CheckpointError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    except TrainingStopped as e:
+        console.print(f"[red]stopped:[/red] {e}")
+        return 3
+    finally:
+        if dist.is_initialized():
+            destroy_mesh()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
