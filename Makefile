@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 # A fresh run each time (the tokenizer and token shards stay cached under ~/.cache/ofs_scale).
 smoke: install
 	rm -rf runs/smoke
-	$(BIN)/python -m ofs_scale.train --config configs/smoke.yaml $(SMOKE_ARGS)
+	$(BIN)/ofs-scale train --config configs/smoke.yaml $(SMOKE_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

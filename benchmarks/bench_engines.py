@@ -26,16 +26,12 @@ from ofs_scale.testing.distributed import run_distributed
 def _measure(rank: int, overrides: list[str], steps: int) -> dict[str, float]:
     """Median tokens/s over `steps` steps (after one warm-up step) and optimizer bytes."""
     warnings.filterwarnings("ignore")
-    from ofs_scale.optim.sharded import state_bytes
     from ofs_scale.trainer.loop import Trainer
 
     cfg = load_config("configs/smoke.yaml", overrides)
     trainer = Trainer(cfg, callbacks=[])
     times = [trainer.train_step()["step_time_s"] for _ in range(steps + 1)][1:]
-    if trainer.deepspeed:
-        parts = trainer.engine.optimizer_state_bytes()
-    else:
-        parts = {"moments": state_bytes(trainer.optimizer), "master": 0}
+    parts = trainer.engine.optimizer_state_bytes()
     return {
         "tokens_per_s": cfg.train.global_batch * cfg.data.seq_len / statistics.median(times),
         "moments": parts["moments"],

@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
 from ofs_scale.config import Config
+from ofs_scale.model.gpt import resolved
+from ofs_scale.optim.registry import OPTIMIZER_SPECS
 from ofs_scale.parallel.mesh import Mesh
 from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
 
@@ -95,10 +97,8 @@ _INIT_ONLY = {"init_std", "scale_out_init", "bln_data_init"}
 
 def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a run's saved tensors and their meaning depend on: the model (with defaults
-    resolved), the vocabulary, the learned position table's length, the optimizer, and for
-    SOAP/Shampoo the TP size."""
-    from ofs_scale.model.gpt import resolved
-
+    resolved), the vocabulary, the learned position table's length, the optimizer, and the keys
+    its registry entry names (`OptimizerSpec.fingerprint`: the TP size for SOAP/Shampoo)."""
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _INIT_ONLY}
     model.update(resolved(cfg.model))
     fp = {f"model.{k}": v for k, v in model.items()}
@@ -106,9 +106,9 @@ def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
     if cfg.model.position == "learned":
         fp["data.seq_len"] = cfg.data.seq_len
     fp["optim.name"] = cfg.optim.name
-    if cfg.optim.name != "adamw":
-        # SOAP/Shampoo factors belong to one TP shard of a weight: they reshard over DP only
-        fp["parallel.tp"] = cfg.parallel.tp
+    for key in OPTIMIZER_SPECS[cfg.optim.name].fingerprint:
+        section, name = key.split(".")
+        fp[key] = getattr(getattr(cfg, section), name)
     return json.loads(json.dumps(fp))  # as it reads back from ofs_meta.json
 
 

@@ -9,7 +9,7 @@
 #
 # Environment: CONFIG, OVERRIDES (space separated; arguments after the script come last),
 # NPROC_PER_NODE (default: GPUs on the node), MASTER_PORT, PYTHON, OFS_ROOT (default: the submit
-# directory). Check the layout first: python tools/plan.py "$CONFIG" --gpus 64 --gpu-mem 80.
+# directory). Check the layout first: ofs-scale plan "$CONFIG" --gpus 64 --gpu-mem 80.
 #
 # Time limit and preemption: SLURM sends USR1 to every process of the step 300 s before the
 # limit; the ranks agree on a step, finish it, write checkpoint step_NNNNNN, and rank 0 runs

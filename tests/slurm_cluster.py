@@ -7,6 +7,10 @@ without accounting storage the real one only answers "accounting storage is disa
 `stop()` kills the daemons by their pid files and restores the environment. `skip_reason()` says
 why a cluster cannot be started here (not root, packages missing), or None.
 
+Waits never fail because the machine is slow: `wait_for` / `wait_job` poll job state and files
+until a deadline that is generous (`JOB_BUDGET_S` per test), stop early when a job has ended, and
+when they do give up the error carries what the jobs printed and their queue state.
+
 Run `python -m tests.slurm_cluster DIR` to get a cluster for manual experiments (Ctrl-C stops it).
 """
 
@@ -20,10 +24,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun")
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+)
+# How long a test may wait on its jobs in all: tens of times what they need on an idle machine
+# (a few tens of seconds), so that a loaded machine only makes the test slower.
+JOB_BUDGET_S = 20 * 60.0
+# A client command (squeue, sbatch, ...) that does not answer in this long is a broken cluster.
+CLIENT_TIMEOUT_S = 300.0
 
 # Answers `sacct -o JobID,State,NodeList --parsable2 -j ID ...` from squeue (submitit's query).
 SACCT_STANDIN = """#!/bin/sh
@@ -67,7 +80,9 @@ def _free_ports(n: int) -> list[int]:
 class SlurmCluster:
     """One controller and one compute node named `localhost`, all files under `root`."""
 
-    def __init__(self, root: Path, cpus: int = 4, min_job_age_s: int = 600) -> None:
+    def __init__(self, root: Path, cpus: int = 4, min_job_age_s: int = 7200) -> None:
+        """`min_job_age_s` keeps ended jobs in squeue (the `sacct` stand-in reads them there)
+        for longer than any test waits."""
         self.root = Path(root)
         self.cpus = cpus
         self.min_job_age_s = min_job_age_s
@@ -141,7 +156,7 @@ class SlurmCluster:
                 os.environ[key] = value
         self._saved_env.clear()
 
-    def start(self, timeout_s: float = 60.0) -> SlurmCluster:
+    def start(self, timeout_s: float = 300.0) -> SlurmCluster:
         """Start both daemons and wait until the node accepts jobs."""
         reason = skip_reason()
         if reason:
@@ -163,7 +178,10 @@ class SlurmCluster:
         state = ""
         while time.monotonic() < deadline:
             out = subprocess.run(
-                ["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30
+                ["sinfo", "-h", "-N", "-o", "%t"],
+                capture_output=True,
+                text=True,
+                timeout=CLIENT_TIMEOUT_S,
             )
             state = out.stdout.strip()
             if state in ("idle", "mix", "alloc"):
@@ -184,14 +202,14 @@ class SlurmCluster:
 
     def cancel_all(self, timeout_s: float = 60.0) -> None:
         """Cancel every job and wait until none is running or completing."""
-        subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=30)
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=CLIENT_TIMEOUT_S)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             out = subprocess.run(
                 ["squeue", "-h", "-t", "RUNNING,COMPLETING,CONFIGURING", "-o", "%i"],
                 capture_output=True,
                 text=True,
-                timeout=30,
+                timeout=CLIENT_TIMEOUT_S,
             )
             if out.returncode != 0 or not out.stdout.strip():
                 return
@@ -247,21 +265,81 @@ class SlurmCluster:
             ["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=CLIENT_TIMEOUT_S,
         )
         return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
 
-    def wait_job(self, job_id: str, timeout_s: float = 180.0) -> str:
-        """Wait until the job reaches a final state; return it (raises on timeout)."""
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-        deadline = time.monotonic() + timeout_s
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.squeue_state(job_id)
-            if state in final:
-                return state
+    def job_report(self, job_ids: Iterable[str], files: Iterable[Path] = ()) -> str:
+        """What the jobs printed and where they stand, for failure messages: each job's queue
+        line and the tail of its StdOut/StdErr, then the tail of `files` (a folder: its *.out,
+        *.err and *.log files), then the daemon logs."""
+        parts, seen = [], set()
+
+        def tail(path: Path) -> None:
+            if path in seen or not path.is_file():
+                return
+            seen.add(path)
+            lines = path.read_text(errors="replace").splitlines()[-40:]
+            parts.append(f"--- {path}\n" + "\n".join(lines))
+
+        for job in job_ids:
+            info = subprocess.run(
+                ["scontrol", "show", "job", "-o", str(job)],
+                capture_output=True,
+                text=True,
+                timeout=CLIENT_TIMEOUT_S,
+            )
+            fields = dict(f.split("=", 1) for f in info.stdout.split() if "=" in f)
+            keys = ("JobState", "Reason", "Restarts", "RunTime", "StartTime", "EndTime")
+            state = " ".join(f"{k}={fields.get(k)}" for k in keys)
+            parts.append(f"--- job {job}: {state if fields else info.stderr.strip()}")
+            for key in ("StdOut", "StdErr"):
+                if key in fields:
+                    tail(Path(fields[key]))
+        for f in map(Path, files):
+            if f.is_dir():
+                for path in sorted(f.iterdir()):
+                    if path.suffix in (".out", ".err", ".log"):
+                        tail(path)
+            else:
+                tail(f)
+        parts.append(self.logs())
+        return "\n".join(parts)
+
+    def wait_for(
+        self,
+        what: str,
+        ready: Callable[[], bool],
+        deadline: float,
+        job_ids: Iterable[str],
+        files: Iterable[Path] = (),
+    ) -> None:
+        """Poll `ready()` until it holds; fail early when one of the jobs has ended without it,
+        and at `deadline` (time.monotonic()) with the jobs' report."""
+        job_ids, files = list(job_ids), list(files)
+        while not ready():
+            ended = {j: s for j in job_ids if (s := self.squeue_state(j)) in FINAL_STATES}
+            if ended and not ready():
+                raise AssertionError(
+                    f"{what}: job ended first ({ended})\n{self.job_report(job_ids, files)}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{what}: not reached by the deadline\n{self.job_report(job_ids, files)}"
+                )
+            time.sleep(0.3)
+
+    def wait_job(self, job_id: str, deadline: float, files: Iterable[Path] = ()) -> str:
+        """Wait until the job reaches a final state and return it; at `deadline`
+        (time.monotonic()) fail with the job's report."""
+        while (state := self.squeue_state(job_id)) not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {job_id} still {state or 'unknown'!r} at the deadline\n"
+                    + self.job_report([job_id], files)
+                )
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} still {state!r} after {timeout_s}s; {self.logs()}")
+        return state
 
 
 if __name__ == "__main__":

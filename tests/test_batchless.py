@@ -11,14 +11,11 @@ from ofs_scale.model.batchless import (
     BatchlessNorm,
     aux_loss,
     configure_aux_scaling,
-    pop_aux_losses,
 )
 from ofs_scale.model.norms import build_norm
-from ofs_scale.parallel.grads import average_across_dp
-from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import assert_weights_close, tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import Records, assert_weights_close, first_step_grads, tiny_overrides
 
 
 def test_mu_sigma_converge_to_data_statistics():
@@ -101,35 +98,12 @@ def test_data_init_and_factory(tiny_cfg):
         BatchlessNorm(4, aux_weight=-1.0)
 
 
-class Records(Callback):
-    def __init__(self):
-        self.records = []
-
-    def post_step(self, trainer, step, record):
-        self.records.append(dict(record))
-
-
-def _first_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Gradients of the first global batch (before any optimizer step), averaged over DP; the
-    trainer is left as if nothing ran."""
-    start = trainer.sampler.state_dict()
-    trainer.engine.train(True)
-    trainer.engine.forward_backward(trainer._batches(trainer.train_split, trainer.sampler.next()))
-    average_across_dp(trainer.params, trainer.mesh)
-    grads = {n: p.grad.clone() for n, p in trainer.named_params}
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.sampler.load_state_dict(start)
-    for chunk in trainer.engine.chunks:
-        pop_aux_losses(chunk)
-    return grads
-
-
 def _train(rank, runs):
     out = []
     for overrides in runs:
         rec = Records()
         trainer = Trainer(load_config(None, overrides), callbacks=[BatchlessAuxCallback(), rec])
-        grads = _first_step_grads(trainer)
+        grads = first_step_grads(trainer)
         trainer.fit()
         params = {n: p.detach().clone() for n, p in trainer.named_params}
         losses = [[r["loss"], r["bln/aux_loss"]] for r in rec.records]

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from ofs_scale.config import load_config
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from ofs_scale.testing.distributed import run_distributed
+from tests.helpers import tiny_overrides
 
 VOCAB = 512
 
 
 def _build(overrides: list[str]):
-    from ofs_scale.model import build_model
+    from ofs_scale.model.build import build_model
     from ofs_scale.parallel.mesh import init_mesh
 
     cfg = load_config(None, overrides)
@@ -111,7 +111,7 @@ OPTIONS = {
 
 
 def _option_checks(rank: int, base: list[str]) -> dict:
-    from ofs_scale.model.shapes import analytic_param_count
+    from ofs_scale.model.shapes import param_count
 
     out = {}
     for name, extra in OPTIONS.items():
@@ -122,7 +122,7 @@ def _option_checks(rank: int, base: list[str]) -> dict:
         block = model.layers["0"]
         out[name] = {
             "params": sum(p.numel() for p in model.parameters()),
-            "analytic": analytic_param_count(cfg, VOCAB),
+            "analytic": param_count(cfg, VOCAB),
             "finite": bool(torch.isfinite(logits).all())
             and all(
                 p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()

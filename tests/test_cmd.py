@@ -20,11 +20,11 @@ from ofs_scale.metrics.cmd import (
     assign_modes,
     decompose,
 )
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import tiny_overrides
 
 
 def _synthetic(num_per_mode: int = 20, T: int = 40, seed: int = 0):

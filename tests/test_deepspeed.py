@@ -15,10 +15,9 @@ import torch
 
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import ConfigError, load_config
-from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.checkpointing import CheckpointCallback
-from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import Records, assert_weights_close, crashed_save, tiny_overrides
 
 # Before DeepSpeed is imported: its accelerator is chosen once, at first use.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,22 +25,16 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path("~/.cache/ofs_scale/torch_extensions").expanduser())
 )
 pytest.importorskip("deepspeed")
+# The first run on a machine compiles the extension (~1 min idle, several on a busy machine):
+# the multi-process tests get more than pytest's default 300 s (the harness itself waits as long
+# as the ranks live).
+SLOW_FIRST_RUN = pytest.mark.timeout(1200)
 
 TEN_STEPS = (
     "train.stages=[{name: warm, steps: 4, lr_schedule: warmup}, "
     "{name: decay, steps: 6, lr_schedule: cosine}]"
 )
 FIRST_STAGE = "train.stages=[{name: warm, steps: 4, lr_schedule: warmup}]"
-
-
-class Records(Callback):
-    """Keeps every step record."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def post_step(self, trainer, step, record) -> None:
-        self.records.append(record)
 
 
 def _fit(overrides: list[str], *extra: str, checkpoints: bool = False, metrics: bool = False):
@@ -123,11 +116,12 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
     return res
 
 
+@SLOW_FIRST_RUN
 def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
     # 2 micro batches per rank (DeepSpeed's gradient accumulation), clipping on every step
     over = ["train.micro_batch=2", "train.grad_clip=0.5"]
     base = [*tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run"), *over]
-    ranks = run_distributed(_dp2_checks, 2, base, tmp_path, timeout=600)
+    ranks = run_distributed(_dp2_checks, 2, base, tmp_path)
     r = ranks[0]
     native = torch.tensor(r["native"])
     assert native[-1] < native[0]
@@ -197,9 +191,10 @@ def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:
     }
 
 
+@SLOW_FIRST_RUN
 def test_deepspeed_tensor_parallel_and_checkpoint_safety(tiny_corpus, cache_dir, tmp_path):
     base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run")
-    ranks = run_distributed(_tp2_checks, 2, base, tmp_path, timeout=600)
+    ranks = run_distributed(_tp2_checks, 2, base, tmp_path)
     for r in ranks:
         torch.testing.assert_close(
             torch.tensor(r["zero"]), torch.tensor(r["native"]), rtol=1e-5, atol=0

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from ofs_scale.config import Config, ConfigError, load_config
+from ofs_scale.config import ConfigError, load_config
 from ofs_scale.launch.sweep import load_sweep, point_name
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import hook_calls, tiny_overrides
 
 
 def _write_sweep(path: Path, grid: dict, overrides: list[str], out_dir: Path) -> Path:
@@ -57,16 +57,6 @@ def test_sweep_expands_grid_into_validated_points(tmp_path):
         load_sweep(_write_sweep(tmp_path / "w.yaml", {"optim.lr": 0.1}, [], tmp_path))
 
 
-def record_hook(cfg: Config, run_dir: Path) -> None:
-    """A `launch.post_run` hook for the tests: appends a line per call to the run directory."""
-    with open(Path(run_dir) / "post_run.jsonl", "a") as f:
-        f.write(json.dumps({"block": cfg.model.block, "steps": cfg.total_steps}) + "\n")
-
-
-def hook_calls(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "post_run.jsonl").read_text().splitlines()]
-
-
 def test_local_sweep_runs_points_writes_index_and_calls_hooks(
     tiny_corpus, cache_dir, tmp_path, capsys, monkeypatch
 ):
@@ -76,7 +66,7 @@ def test_local_sweep_runs_points_writes_index_and_calls_hooks(
 
     base = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "unused")
     # the real int8 evaluation hook too, as configs/repro/cpu_grid.yaml uses it
-    hook = "launch.post_run=[tests.test_launch:record_hook, ofs_scale.quant.hook:post_run]"
+    hook = "launch.post_run=[tests.helpers:record_hook, ofs_scale.quant.hook:post_run]"
     monkeypatch.setenv("OFS_QUANT_ARGS", "--calib-batches 2 --eval-batches 1 --device cpu")
     sweep_dir = tmp_path / "sweep"
     path = _write_sweep(

@@ -15,10 +15,10 @@ from ofs_scale.data import collate
 from ofs_scale.instruments.of_metrics import MetricsCallback
 from ofs_scale.metrics.collect import Collector, distributed_kth, select_sites
 from ofs_scale.parallel.mesh import destroy_mesh
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import tiny_overrides
 
 BLOCKS = ["pre", "op"]  # op: QK-norm, ReLU MLP (many zero medians), no block norms
 PREFIXES = ("of/", "sigprop/", "attn/")
@@ -215,8 +215,8 @@ def test_hooks_only_on_metric_steps(runs):
 
 
 def test_cli_prints_table_and_writes_plots(tiny_corpus, cache_dir, tmp_path, capsys):
+    from ofs_scale.analysis.plot_cli import main as plot_main
     from ofs_scale.trainer.main import main
-    from tools.plot_metrics import main as plot_main
 
     over = [
         *tiny_overrides(tiny_corpus, cache_dir, tmp_path),

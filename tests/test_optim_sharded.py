@@ -11,14 +11,15 @@ from torch import nn
 
 from ofs_scale.config import OptimConfig, load_config
 from ofs_scale.optim import OPTIMIZERS, ShardedOptimizer, build_optimizer
-from ofs_scale.optim.sharded import assign_owners, numel_cost, state_bytes
+from ofs_scale.optim.adamw import numel_cost
+from ofs_scale.optim.sharded import assign_owners, state_bytes
 from ofs_scale.parallel.mesh import Mesh, init_mesh
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import assert_weights_close, tiny_overrides
-from tests.harness import run_distributed
-from tests.test_soap import single_thread  # noqa: F401 (autouse fixture)
-from tests.test_train import Losses
+from tests.helpers import Losses, assert_weights_close, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CFG = {
     "lr": 3e-3,

@@ -9,9 +9,9 @@ from ofs_scale.config import load_config
 from ofs_scale.data import collate
 from ofs_scale.parallel.gather import full_named
 from ofs_scale.parallel.grads import average_across_dp
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import tiny_overrides
 
 BLOCKS = ["pre", "post", "op"]
 

@@ -1,5 +1,5 @@
 """Memory planner: predicted parameter and optimizer-state bytes match allocated tensors (AdamW,
-SOAP, Shampoo; TP=2 shards and ZeRO-1 over DP=2), and tools/plan.py refuses what cannot fit."""
+SOAP, Shampoo; TP=2 shards and ZeRO-1 over DP=2), and `ofs-scale plan` refuses what cannot fit."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from ofs_scale.analysis.plan import optimizer_state_numel, plan
 from ofs_scale.config import load_config
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from ofs_scale.testing.distributed import run_distributed
+from tests.helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 # max_precond_dim 48: the 128-wide MLP sides and the 512-row vocab get no SOAP factor and
@@ -26,7 +26,7 @@ def _cfg(out: Path, *extra: str):
 
 def _allocated(rank: int, out: str, layouts: list[tuple[int, list[str]]]) -> list[dict]:
     """Per layout: this rank's parameter count and optimizer-state bytes, really allocated."""
-    from ofs_scale.model import build_model
+    from ofs_scale.model.build import build_model
     from ofs_scale.optim import build_optimizer
     from ofs_scale.optim.sharded import state_bytes
     from ofs_scale.parallel.mesh import init_mesh
@@ -99,11 +99,8 @@ def test_soap_state_formula_by_hand():
 
 
 def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
-    import importlib.util
+    from ofs_scale.analysis import plan_cli as tool
 
-    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools/plan.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     op7b = str(ROOT / "configs/op7b.yaml")
     assert tool.main([op7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
     out = capsys.readouterr().out

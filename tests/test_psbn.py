@@ -10,11 +10,9 @@ from torch import nn
 from ofs_scale.config import load_config
 from ofs_scale.instruments.collapse import CollapseCallback, dead_fraction, gamma_small_fractions
 from ofs_scale.model.psbn import PostShiftBatchNorm
-from ofs_scale.trainer.callbacks import Callback
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
-from tests.test_batchless import _first_step_grads
+from tests.helpers import Records, first_step_grads, tiny_overrides
 
 
 def _global_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,20 +101,12 @@ def _dp_module_check(rank: int) -> dict:
     }
 
 
-class Records(Callback):
-    def __init__(self):
-        self.records = []
-
-    def post_step(self, trainer, step, record):
-        self.records.append(dict(record))
-
-
 def _train(rank: int, runs: list[list[str]], module_check: bool) -> list:
     out = [_dp_module_check(rank)] if module_check else []
     for overrides in runs:
         rec = Records()
         trainer = Trainer(load_config(None, overrides), callbacks=[CollapseCallback(), rec])
-        grads = _first_step_grads(trainer)
+        grads = first_step_grads(trainer)
         trainer.fit()
         buffers = {n: b.clone() for n, b in trainer.engine.state_module.named_buffers()}
         out.append((rec.records, grads, buffers))

@@ -16,8 +16,8 @@ from ofs_scale.quant.fake import (
     fake_quant_weight,
     weight_scale,
 )
-from tests.conftest import tiny_overrides
-from tests.harness import run_distributed
+from ofs_scale.testing.distributed import run_distributed
+from tests.helpers import tiny_overrides
 
 LINEARS = ("qkv", "proj", "up", "down", "head")
 SPECS = {
@@ -127,7 +127,7 @@ def _tied_head_check(overrides, mesh) -> dict:
     """W8 on a tied-embedding model: the head computes with the rounded embedding table, the
     lookup does not, and the table is untouched afterwards."""
     from ofs_scale.config import load_config
-    from ofs_scale.model import build_model
+    from ofs_scale.model.build import build_model
     from ofs_scale.quant.sim import fake_quantized
     from ofs_scale.quant.spec import QuantSpec
 
@@ -235,7 +235,7 @@ def _residual_sums(rank, overrides) -> dict[str, bool]:
     """Per block type: under scope all, the residual `h` inside a block is rounded once, and the
     skip path and the MLP branch both read the rounded value."""
     from ofs_scale.config import load_config
-    from ofs_scale.model import build_model
+    from ofs_scale.model.build import build_model
     from ofs_scale.parallel.mesh import init_mesh
     from ofs_scale.quant.sim import fake_quantized
     from ofs_scale.quant.spec import QuantSpec

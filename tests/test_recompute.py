@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from ofs_scale.config import load_config
-from ofs_scale.model import build_model
+from ofs_scale.model.build import build_model
 from ofs_scale.model.recompute import saved_activation_bytes
 from ofs_scale.parallel.mesh import init_mesh
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.loop import Trainer
-from tests.conftest import assert_weights_close, tiny_overrides
-from tests.harness import run_distributed
+from tests.helpers import assert_weights_close, tiny_overrides
 
 TIMING = ("tokens_per_s", "step_time_s")
 

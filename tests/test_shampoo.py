@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from torch import nn
 
 from ofs_scale.config import OptimConfig
 from ofs_scale.optim import Shampoo
-from tests.test_soap import make_problem, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import make_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CFG = {
     "lr": 3e-3,

@@ -20,12 +20,15 @@ import torch
 
 from ofs_scale.config import load_config
 from ofs_scale.data import prepare_data
-from tests.conftest import tiny_overrides
-from tests.slurm_cluster import SlurmCluster, skip_reason
-from tests.test_launch import hook_calls
+from tests.helpers import hook_calls, tiny_overrides
+from tests.slurm_cluster import CLIENT_TIMEOUT_S, JOB_BUDGET_S, SlurmCluster, skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGES = "train.stages=[{name: a, steps: 5, lr_schedule: constant}, {name: b, steps: 300}]"
+# Each test waits on job state until its `deadline`, JOB_BUDGET_S after it starts, and then fails
+# with what its jobs printed; pytest's timeout is only a backstop against a hang, after that one
+# (with room for starting the cluster and preparing the data).
+pytestmark = pytest.mark.timeout(int(JOB_BUDGET_S) + 600)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,12 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def deadline() -> float:
+    """When the test stops waiting on its jobs (time.monotonic())."""
+    return time.monotonic() + JOB_BUDGET_S
 
 
 def _overrides(tiny_corpus: Path, cache_dir: Path, out: Path) -> list[str]:
@@ -63,7 +72,7 @@ def _sbatch(script: str, log: Path, overrides: list[str], *sbatch_args: str) -> 
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CLIENT_TIMEOUT_S,
     )
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().split(";")[0]
@@ -76,26 +85,33 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def _wait_records(run_dir: Path, n: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(_records(run_dir)) >= n:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir}: fewer than {n} metrics records after {timeout_s}s")
+def _wait_records(
+    cluster: SlurmCluster, job: str, run_dir: Path, n: int, deadline: float, files=()
+) -> None:
+    """Wait until the job has logged `n` steps (fails at once if the job ends first)."""
+    cluster.wait_for(
+        f"{n} metrics records in {run_dir}",
+        lambda: len(_records(run_dir)) >= n,
+        deadline,
+        [job],
+        files,
+    )
 
 
-def _release_requeued(cluster: SlurmCluster, job: str, timeout_s: float = 120.0) -> None:
+def _release_requeued(cluster: SlurmCluster, job: str, deadline: float, files=()) -> None:
     """Wait until the requeued job is PENDING again, then lift SLURM's ~2 min BeginTime hold."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cluster.squeue_state(job) == "PENDING":
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30
-            )
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job} was not requeued; state {cluster.squeue_state(job)!r}")
+    cluster.wait_for(
+        f"job {job} requeued (PENDING)",
+        lambda: cluster.squeue_state(job) == "PENDING",
+        deadline,
+        [job],
+        files,
+    )
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job}", "StartTime=now"],
+        check=True,
+        timeout=CLIENT_TIMEOUT_S,
+    )
 
 
 def _final(records: list[dict]) -> tuple[dict, dict]:
@@ -104,7 +120,9 @@ def _final(records: list[dict]) -> tuple[dict, dict]:
     return train[-1], evals[-1]
 
 
-def test_sbatch_scripts_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, cache_dir, tmp_path):
+def test_sbatch_scripts_stage_checkpoints_and_usr1_requeue(
+    slurm, tiny_corpus, cache_dir, tmp_path, deadline
+):
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
     _prepare(_overrides(tiny_corpus, cache_dir, ref_dir))
     # The reference runs the 7B script itself, its header cut down to one CPU node on the
@@ -116,12 +134,12 @@ def test_sbatch_scripts_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, c
     cut_job = _sbatch("slurm/smoke.sh", cut_log, _overrides(tiny_corpus, cache_dir, cut_dir))
 
     # Signal the second job the way `--signal=USR1@60` does: every process of its job steps.
-    _wait_records(cut_dir, 20)
-    subprocess.run(["scancel", "--signal=USR1", cut_job], check=True, timeout=30)
-    _release_requeued(slurm, cut_job)
+    _wait_records(slurm, cut_job, cut_dir, 20, deadline)
+    subprocess.run(["scancel", "--signal=USR1", cut_job], check=True, timeout=CLIENT_TIMEOUT_S)
+    _release_requeued(slurm, cut_job, deadline)
 
-    assert slurm.wait_job(ref_job) == "COMPLETED", ref_log.read_text()
-    assert slurm.wait_job(cut_job) == "COMPLETED", cut_log.read_text()
+    assert slurm.wait_job(ref_job, deadline) == "COMPLETED", ref_log.read_text()
+    assert slurm.wait_job(cut_job, deadline) == "COMPLETED", cut_log.read_text()
 
     # both scripts ran to completion and kept both stage checkpoints
     assert "[op7b.sh] job" in ref_log.read_text() and "1 x 2 ranks" in ref_log.read_text()
@@ -143,7 +161,9 @@ def test_sbatch_scripts_stage_checkpoints_and_usr1_requeue(slurm, tiny_corpus, c
     torch.testing.assert_close(cut_eval["val_loss"], ref_eval["val_loss"], rtol=1e-5, atol=0)
 
 
-def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, cache_dir, tmp_path):
+def test_submitit_job_requeues_on_usr2_and_returns_result(
+    slurm, tiny_corpus, cache_dir, tmp_path, deadline
+):
     from ofs_scale.launch.submit import job_result, submit_run
 
     out = tmp_path / "submitit_run"
@@ -155,11 +175,12 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
     ]
     _prepare(overrides)
     (job,) = submit_run(load_config(ROOT / "configs/smoke.yaml", overrides))
-    _wait_records(out, 20)
+    job_id, job_logs = str(job.job_id), [out / "submitit"]
+    _wait_records(slurm, job_id, out, 20, deadline, job_logs)
     # submitit's preemption/timeout signal goes to the tasks of its srun step
-    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=30)
-    _release_requeued(slurm, str(job.job_id))
-    assert slurm.wait_job(str(job.job_id)) == "COMPLETED"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=CLIENT_TIMEOUT_S)
+    _release_requeued(slurm, job_id, deadline, job_logs)
+    assert slurm.wait_job(job_id, deadline, job_logs) == "COMPLETED"
     result = job_result(job)
     assert result["run_dir"] == str(out) and result["step"] == 305
     logs = " ".join(" ".join(p.read_text().split()) for p in (out / "submitit").glob("*_log.out"))
@@ -169,7 +190,7 @@ def test_submitit_job_requeues_on_usr2_and_returns_result(slurm, tiny_corpus, ca
     assert launch["submissions"][-1]["jobs"][0]["job_id"] == str(job.job_id)
 
 
-def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, tmp_path):
+def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, tmp_path, deadline):
     from ofs_scale.launch.status import status
     from ofs_scale.launch.submit import job_result, submit_run
 
@@ -178,7 +199,7 @@ def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, t
         *tiny_overrides(tiny_corpus, cache_dir, out),
         "train.stages=[{name: a, steps: 2, lr_schedule: constant}, {name: b, steps: 3}]",
         "launch.cpus_per_task=1",
-        "launch.post_run=[tests.test_launch:record_hook]",
+        "launch.post_run=[tests.helpers:record_hook]",
     ]
     _prepare(overrides)
     jobs = submit_run(load_config(None, overrides), stage_jobs=True)
@@ -186,16 +207,19 @@ def test_submitit_stage_jobs_chain_with_afterok(slurm, tiny_corpus, cache_dir, t
     script = (out / "submitit" / f"{jobs[1].job_id}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterok:{jobs[0].job_id}" in script
     assert "dependency" not in (out / "submitit" / f"{jobs[0].job_id}_submission.sh").read_text()
+    for job in jobs:  # on the queue: job_result would block, silently, on a job that never ends
+        if slurm.wait_job(str(job.job_id), deadline, [out / "submitit"]) != "COMPLETED":
+            break  # job_result raises with the job's error; afterok holds the next job forever
     first, second = (job_result(j) for j in jobs)
     assert (first["step"], second["step"]) == (2, 5)
     log = " ".join(" ".join(p.read_text().split()) for p in (out / "submitit").glob("*_log.out"))
     assert f"resumed from {out}/checkpoints/stage_a at step 2" in log
     for name in ("stage_a", "stage_b"):
         assert (out / "checkpoints" / name / "ofs_meta.json").is_file()
-    assert slurm.wait_job(str(jobs[1].job_id)) == "COMPLETED"  # the result comes before the end
+    assert slurm.wait_job(str(jobs[1].job_id), deadline) == "COMPLETED"
     # post-run hooks run once, after the last stage's job (the whole run), not after stage a
     assert hook_calls(out) == [{"block": "pre", "steps": 5}]
-    rows = status(out)  # what `python -m ofs_scale.launch status` shows
+    rows = status(out)  # what `ofs-scale launch status` shows
     assert [(r["stage"], r["state"], r["step"]) for r in rows] == [
         ("a", "COMPLETED", "5"),
         ("b", "COMPLETED", "5"),

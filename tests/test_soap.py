@@ -4,7 +4,6 @@ and the eigh failure paths."""
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
@@ -12,17 +11,11 @@ from torch import nn
 
 from ofs_scale.config import OptimConfig
 from ofs_scale.optim import SOAP
+from tests.helpers import make_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SOAP_CFG = {"lr": 3e-3, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 0.01}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices: one intra-op thread avoids spin-waiting on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def soap_reference(w, grads_fn, steps, lr, b1, b2, eps, wd, freq, max_dim, shampoo_beta):
@@ -67,23 +60,6 @@ def soap_reference(w, grads_fn, steps, lr, b1, b2, eps, wd, freq, max_dim, shamp
                 qr = torch.linalg.qr(fr @ qr[:, order])[0]
             exp_m = ql.T @ exp_m_orig @ qr
     return w
-
-
-def make_problem(shape, seed):
-    """Gradient of a noisy Kronecker-structured quadratic: A (W - T) B plus fresh noise."""
-    gen = torch.Generator().manual_seed(seed)
-    m, n = shape
-    a = torch.randn(m, m, generator=gen) / math.sqrt(m)
-    b = torch.randn(n, n, generator=gen) / math.sqrt(n)
-    a, b = a @ a.T + 0.1 * torch.eye(m), b @ b.T + 0.1 * torch.eye(n)
-    target = torch.randn(m, n, generator=gen)
-    noise = torch.randn(64, m, n, generator=gen) * 0.1
-    w0 = torch.randn(m, n, generator=gen)
-
-    def grad(w, call):
-        return a @ (w - target) @ b + noise[call]
-
-    return w0, grad
 
 
 def run_soap(params, grad_fns, steps, **cfg_kw):

@@ -10,19 +10,11 @@ import torch
 from ofs_scale import checkpoint as ckpt_mod
 from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import load_config
+from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loop import Trainer, TrainingStopped
-from tests.conftest import assert_weights_close, crashed_save, tiny_overrides
-from tests.harness import run_distributed
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.losses = []
-
-    def post_step(self, trainer, step, record):
-        self.losses.append(record["loss"])
+from tests.helpers import Losses, assert_weights_close, crashed_save, tiny_overrides
 
 
 def _train(rank, overrides, with_ckpt=False):
@@ -155,10 +147,9 @@ def _nan_run(rank, overrides):
     with torch.no_grad():
         next(iter(trainer.params)).fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in trainer.named_params}
-    try:
+    with pytest.raises(TrainingStopped) as stopped:  # a clear failure if the run goes on
         trainer.fit()
-    except TrainingStopped as e:
-        msg = str(e)
+    msg = str(stopped.value)
     after = {n: p.detach().clone() for n, p in trainer.named_params}
     unchanged = all(torch.equal(before[n].nan_to_num(), after[n].nan_to_num()) for n in before)
     return msg, trainer.step, unchanged

@@ -1,6 +1,6 @@
 """Post-hoc correlation mode decomposition of a run's recorded weight trajectories.
 
-python -m ofs_scale.cmd RUN_DIR [--modes 10] [--max-modes 20]
+ofs-scale cmd RUN_DIR [--modes 10] [--max-modes 20]
 
 Reads RUN_DIR/cmd/ (written when training with metrics.cmd.every=N), decomposes the sampled
 trajectories into M modes for M = 1..max-modes, and writes
@@ -106,7 +106,7 @@ def plot(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ofs_scale.cmd",
+        prog="ofs-scale cmd",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,7 +5,8 @@ megatron-core layers cut them (vocabulary padded per TP size) and assigned to pi
 `parallel/plan.py`. From those shapes:
 
 * parameters and gradients: fp32 (weights stay fp32 under bf16 autocast);
-* optimizer state, fp32, per TP shard of shape m x n (`matrix_shape`: rows x the rest):
+* optimizer state, fp32, per TP shard of shape m x n (`matrix_shape`: rows x the rest), as each
+  optimizer's registry entry states it (`OptimizerSpec.state_numel`, optim/registry.py):
   AdamW 2mn; SOAP 2mn + L m^2 + QL m^2 + R n^2 + QR n^2 (a side longer than max_precond_dim gets
   neither factor nor basis); Shampoo 2mn + per block of at most max_precond_dim rows/columns
   (bm x bn) L, R and their roots: 2 bm^2 + 2 bn^2; plus a 4-byte step counter per tensor.
@@ -24,8 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ofs_scale.config import Config, OptimConfig
-from ofs_scale.model.shapes import stage_param_shapes
+from ofs_scale.config import Config, OptimConfig, check_world
+from ofs_scale.model.blocks import BLOCKS
+from ofs_scale.model.gpt import resolved
+from ofs_scale.model.shapes import param_count, stage_param_shapes
+from ofs_scale.optim.registry import OPTIMIZER_SPECS
+from ofs_scale.optim.sharded import assign_owners
+from ofs_scale.parallel.tp import padded_vocab_size
 
 GIB = 1024**3
 F32 = 4
@@ -66,39 +72,15 @@ class Plan:
 
 def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig) -> int:
     """fp32 elements of optimizer state for one tensor of `shape` (step counter included)."""
-    numel = math.prod(shape)
-    if cfg.name == "adamw" or len(shape) < 2:
-        return 2 * numel + 1
-    m, n = shape[0], numel // shape[0]
-    total = 2 * numel + 1
-    if cfg.name == "soap":
-        total += sum(2 * d * d for d in (m, n) if d <= cfg.max_precond_dim)
-    else:  # shampoo: L, R and their inverse roots per block
-        k = cfg.max_precond_dim
-        for a in range(0, m, k):
-            for b in range(0, n, k):
-                bm, bn = min(k, m - a), min(k, n - b)
-                total += 2 * bm * bm + 2 * bn * bn
-    return total
-
-
-def optimizer_cost_fn(name: str):
-    """The cost function `ShardedOptimizer` balances ownership by, for `optim.name`."""
-    from ofs_scale.optim import OPTIMIZERS
-    from ofs_scale.optim.sharded import numel_cost
-
-    cls = OPTIMIZERS[name]
-    return getattr(cls, "cost", None) if name != "adamw" else numel_cost
+    return OPTIMIZER_SPECS[cfg.name].state_numel(shape, cfg)
 
 
 def sharded_state_numel(
     shapes: list[tuple[str, tuple[int, ...]]], cfg: OptimConfig, dp: int
 ) -> int:
     """Optimizer-state elements of the fullest DP rank under whole-tensor ownership."""
-    from ofs_scale.optim.sharded import assign_owners
-
     named = [(n, torch.empty(s, device="meta")) for n, s in shapes]
-    owners = assign_owners(named, optimizer_cost_fn(cfg.name), cfg, dp)
+    owners = assign_owners(named, OPTIMIZER_SPECS[cfg.name].cost, cfg, dp)
     per_rank = [0] * dp
     for n, s in shapes:
         per_rank[owners[n]] += optimizer_state_numel(s, cfg)
@@ -112,12 +94,10 @@ def layer_activation_bytes(cfg: Config, tokens: int) -> int:
     norm inputs (pre/post blocks) and the inputs of qkv and MLP-up. Split over TP: qkv output,
     normed and rotated q and k, the attention output (SDPA keeps out + logsumexp), the MLP
     hidden before and after the activation (and the gate for SwiGLU)."""
-    from ofs_scale.model.gpt import resolved
-
     m, tp = cfg.model, cfg.parallel.tp
     half = 2 if cfg.train.dtype == "bf16" else F32
     d, f = m.d_model, int(m.ffn_mult * m.d_model)
-    norms = 0 if m.block == "op" else 2 * d * F32
+    norms = BLOCKS[m.block].cls.num_norms * d * F32
     replicated = norms + 2 * d * half
     gate = f if resolved(m)["activation"] == "swiglu" else 0
     qk = 2 * d if resolved(m)["qk_norm"] else 0
@@ -144,10 +124,6 @@ def flops_per_token(cfg: Config, total_params: int, embed_params: int) -> float:
 
 def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
     """The plan of `cfg` on `gpus` GPUs (ValueError when the layout cannot be formed)."""
-    from ofs_scale.config import check_world
-    from ofs_scale.model.shapes import analytic_param_count
-    from ofs_scale.parallel.tp import padded_vocab_size
-
     p = cfg.parallel
     dp = check_world(cfg, gpus)
     vocab = cfg.data.vocab_size
@@ -173,7 +149,7 @@ def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -
             {"params": numel, "optim": optim * F32, "act": act, "act_ckpt": act_ckpt, "stage": s}
         )
     worst = max(rows, key=lambda r: r["params"] * 2 * F32 + r["optim"] + r["act"])
-    total_params = analytic_param_count(cfg, vocab)
+    total_params = param_count(cfg, vocab)
     embed = padded_vocab_size(vocab, 1) * cfg.model.d_model
     fpt = flops_per_token(cfg, total_params, embed)
     tokens_step = cfg.train.global_batch * cfg.data.seq_len

@@ -1,8 +1,8 @@
 """One table and one kurtosis figure for every point of a sweep.
 
-python -m ofs_scale.report SWEEP_DIR [--quant-missing]
+ofs-scale report SWEEP_DIR [--quant-missing]
 
-Reads `sweep.json` (written by `python -m ofs_scale.launch submit --sweep`), or, without it, every
+Reads `sweep.json` (written by `ofs-scale launch submit --sweep`), or, without it, every
 subdirectory that has a metrics.jsonl. Per point: final training loss, validation perplexity,
 final max/mean residual-stream kurtosis and max MMR, and the int8 W8A8 perplexity and its
 increase from the point's quant.json (`--quant-missing` runs the evaluation where it is absent).
@@ -56,7 +56,7 @@ def find_points(sweep_dir: Path) -> list[dict[str, Any]]:
     if not runs:
         raise ReportError(
             f"{sweep_dir} has no sweep.json and no run directories with metrics.jsonl; pass the "
-            "directory that `python -m ofs_scale.launch submit --sweep` created"
+            "directory that `ofs-scale launch submit --sweep` created"
         )
     return [{"name": d.name, "params": {}, "out_dir": d} for d in runs]
 
@@ -171,7 +171,7 @@ def report(sweep_dir: Path, quant_missing: bool = False) -> list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m ofs_scale.report",
+        prog="ofs-scale report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,16 +1,111 @@
-"""What every engine shares: the micro-batch type, the autocast context and the chunk view."""
+"""The `Engine` interface every engine implements, and what the engines share: the micro-batch
+type, the step result, the DP loss average, the autocast context and the chunk view."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from ofs_scale.checkpoint import CheckpointManager
+from ofs_scale.parallel.mesh import Mesh
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass
+class StepResult:
+    """The outcome of one optimizer step."""
+
+    loss: torch.Tensor
+    """Loss averaged over the step's micro batches and the data-parallel group (detached)."""
+    grad_norm: torch.Tensor
+    """Global gradient norm before clipping (NaN when the engine could not measure it)."""
+    applied: bool
+    """False when the update was skipped because the loss or the norm was not finite."""
+
+
+class Optimizer(Protocol):
+    """What the Trainer touches of an engine's optimizer: its groups, to write the lr."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups; the Trainer sets `group["lr"]` before every step."""
+
+
+class Engine(Protocol):
+    """One rank's share of the model and everything that changes it.
+
+    The Trainer keeps the data order, the lr schedule and the counters; the engine does the
+    rest of a step (forward/backward, DP reduction, clipping, update) and owns the optimizer.
+    Every method is collective over the ranks of the run unless it says otherwise.
+    """
+
+    chunks: list[nn.Module]
+    """This rank's model chunks (one without pipeline parallelism), read by the instruments."""
+    state_module: nn.Module
+    """The chunks as one module: their parameters and buffers by checkpoint name."""
+    optimizer: Optimizer
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's parameters by name (the objects the optimizer updates in place)."""
+
+    def train(self, mode: bool = True) -> None:
+        """Training (True) or evaluation mode for every chunk (not collective)."""
+
+    def step(self, batches: list[Batch]) -> StepResult:
+        """One optimizer step over this rank's micro batches: forward/backward, gradient
+        average over DP, global grad norm, clipping, the update (skipped when the loss or the
+        norm is not finite) and clearing the gradients."""
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Mean loss over `batches`, averaged over the DP group too (no gradients)."""
+
+    def optimizer_state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the optimizer: `moments` (optimizer state) and `master`
+        (fp32 master weights kept apart from the model, 0 when there are none)."""
+
+    def checkpoint_state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The state dict DCP saves and loads in place, with the Trainer's `extra` counters
+        under the key "extra" (not collective)."""
+
+    def save_checkpoint(
+        self,
+        manager: CheckpointManager,
+        name: str,
+        state: dict[str, Any],
+        step: int,
+        shards: dict[str, Any],
+    ) -> Path:
+        """Write `state` (from `checkpoint_state`) and the callbacks' `shards` as checkpoint
+        `name` of `manager`, atomically; returns its path."""
+
+    def load_latest(
+        self,
+        manager: CheckpointManager,
+        state: dict[str, Any],
+        log: Callable[[str], None] = print,
+    ) -> Path | None:
+        """Load the newest usable checkpoint of `manager` into the engine and into `state`
+        (whose "extra" the Trainer reads back); its path, or None when there is none."""
+
+
+def mean_over_dp(value: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """`value` averaged over the data-parallel group, in place; returns it."""
+    if mesh.dp > 1:
+        dist.all_reduce(value, group=mesh.dp_group)
+        value /= mesh.dp
+    return value
+
+
 def autocast_context(dtype: str, device: torch.device):
+    """bf16 autocast for `train.dtype=bf16`, nothing otherwise."""
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,12 +1,12 @@
 """The Pre-Norm + AdamW baseline trained by a DeepSpeed ZeRO-1/2 engine (`train.engine=deepspeed`).
 
 The model is the megatron-core GPT that `LocalEngine` builds (tensor parallelism through its
-layers). DeepSpeed takes over what the native trainer does by hand after the forward pass:
-gradient accumulation, the gradient all-reduce / reduce-scatter over our data-parallel group
-(handed to DeepSpeed through `MeshMpu`), global-norm clipping, the skip of non-finite steps and
-the AdamW update on flat ZeRO partitions. The trainer keeps the data order and the learning-rate
-schedule: it writes the stage schedule's lr into `optimizer.param_groups` before every step,
-exactly as on the native path.
+layers). DeepSpeed does what the native engines do in `NativeEngine.step` after the forward
+pass: gradient accumulation, the gradient all-reduce / reduce-scatter over our data-parallel
+group (handed to DeepSpeed through `MeshMpu`), global-norm clipping, the skip of non-finite steps
+and the AdamW update on flat ZeRO partitions. The Trainer keeps the data order and the
+learning-rate schedule: it writes the stage schedule's lr into `optimizer.param_groups` before
+every step, as for every engine.
 
 Precision: `fp32` trains fp32 weights; `bf16` is DeepSpeed's own bf16 mode (bf16 module weights,
 activations and gradients, fp32 master weights and moments inside the ZeRO partitions), which is
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ from ofs_scale.checkpoint import (
     write_atomic,
 )
 from ofs_scale.config import Config
-from ofs_scale.engine.base import Batch
-from ofs_scale.engine.local import LocalEngine
+from ofs_scale.engine.base import Batch, StepResult, mean_over_dp
+from ofs_scale.engine.local import mean_loss
+from ofs_scale.model.build import build_model
+from ofs_scale.model.gpt import GPT
 from ofs_scale.optim.adamw import param_groups
 from ofs_scale.parallel.mesh import Mesh
 
@@ -139,9 +142,9 @@ def _import_deepspeed(mesh: Mesh):
 
 
 class DeepSpeedEngine:
-    """Our model under a DeepSpeed ZeRO engine, with the interface of `LocalEngine` plus `step`.
+    """Our model under a DeepSpeed ZeRO engine; implements `Engine` (see `base.py`).
 
-    `chunks`, `state_module`, `evaluate` and `train` behave as on the native engine, so metrics,
+    `chunks`, `state_module`, `evaluate` and `train` behave as on `LocalEngine`, so metrics,
     evaluation and quantisation read the same modules. `optimizer` is the torch AdamW that
     DeepSpeed steps on its flat partitions; its param groups carry the lr and weight decay.
     """
@@ -150,14 +153,13 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed(mesh)
         self.cfg = cfg
         self.mesh = mesh
-        self.local = LocalEngine(cfg, mesh, vocab_size)
-        self.model = self.local.model
-        self.chunks = self.local.chunks
-        self.state_module: nn.Module = self.local.state_module
+        self.model: GPT = build_model(cfg, mesh, vocab_size)
+        self.chunks: list[nn.Module] = [self.model]
+        self.state_module: nn.Module = self.model
         o = cfg.optim
         # Same groups as NamedAdamW: matrices decay, gains / biases / scalars do not.
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.local.named_parameters(), o.weight_decay),
+            param_groups(self.named_parameters(), o.weight_decay),
             lr=o.lr,
             betas=o.betas,
             eps=o.eps,
@@ -172,13 +174,13 @@ class DeepSpeedEngine:
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The model's parameters by name (the same objects DeepSpeed updates in place)."""
-        return self.local.named_parameters()
+        return list(self.model.named_parameters())
 
-    def step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def step(self, batches: list[Batch]) -> StepResult:
         """Forward/backward every micro batch and let DeepSpeed reduce, clip and update.
 
-        Returns (loss averaged over micro batches and DP, global grad norm, whether the update
-        was applied); DeepSpeed skips the update when the gradient norm is not finite.
+        DeepSpeed skips the update when the gradient norm is not finite; a non-finite loss
+        counts as skipped too, as on the native engines.
         """
         if len(batches) != self.ds.gradient_accumulation_steps():
             raise ValueError(
@@ -195,18 +197,17 @@ class DeepSpeedEngine:
             self.ds.backward(micro)
             self.ds.step()
             loss += micro.detach().float() / len(batches)
-        if self.mesh.dp > 1:
-            dist.all_reduce(loss, group=self.mesh.dp_group)
-            loss /= self.mesh.dp
+        mean_over_dp(loss, self.mesh)
         norm = self.ds.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         applied = self.ds.skipped_steps == skipped and bool(torch.isfinite(loss))
-        return loss, norm, applied
+        return StepResult(loss, norm, applied)
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
-        """Mean loss over `batches` on this rank, as `LocalEngine.evaluate`."""
-        return self.local.evaluate(batches)
+        """Mean loss over `batches`, averaged over the DP group, as on `LocalEngine`."""
+        loss = mean_loss(self.model, batches, self.cfg.train.dtype, self.mesh.device)
+        return mean_over_dp(loss, self.mesh)
 
     def train(self, mode: bool = True) -> None:
         """Training or evaluation mode for the model (through DeepSpeed's engine)."""
@@ -244,7 +245,9 @@ class DeepSpeedEngine:
         atomically as `<root>/<name>`."""
         return DeepSpeedCheckpoints(manager, self).save(name, state, step, shards)
 
-    def load_latest(self, manager: CheckpointManager, state: dict, log=print) -> Path | None:
+    def load_latest(
+        self, manager: CheckpointManager, state: dict, log: Callable[[str], None] = print
+    ) -> Path | None:
         """Resume from the newest usable checkpoint (DeepSpeed files and DCP `extra`)."""
         return DeepSpeedCheckpoints(manager, self).load_latest(state, log)
 

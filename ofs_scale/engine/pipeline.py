@@ -6,14 +6,14 @@ the head and the (vocab-parallel) loss. Megatron-core's own pipeline schedules a
 unconditionally, so the schedules come from torch: GPipe, 1F1B and interleaved 1F1B.
 
 Training uses the schedule; evaluation is a plain forward-only relay (no autograd state), so its
-number of micro batches need not match training's.
+number of micro batches need not match training's. The step around the schedule (DP average,
+clipping, update) is `NativeEngine`'s.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -23,7 +23,9 @@ from torch.distributed.pipelining import (
 
 from ofs_scale.config import Config
 from ofs_scale.engine.base import Batch, ChunkView, autocast_context
-from ofs_scale.model import GPT, build_model
+from ofs_scale.engine.native import NativeEngine
+from ofs_scale.model.build import build_model
+from ofs_scale.model.gpt import GPT
 from ofs_scale.parallel.mesh import Mesh
 from ofs_scale.parallel.stages import layer_chunks, rank_chunks
 
@@ -34,13 +36,11 @@ def bubble_fraction(schedule: str, pp: int, n_micro: int, virtual_stages: int = 
     return (pp - 1) / (v * n_micro + pp - 1)
 
 
-class PipelineEngine:
+class PipelineEngine(NativeEngine):
     """This pipeline rank's chunks, trained with a torch.distributed.pipelining schedule."""
 
     def __init__(self, cfg: Config, mesh: Mesh, vocab_size: int) -> None:
         p = cfg.parallel
-        self.mesh = mesh
-        self.dtype = cfg.train.dtype
         self.num_chunks = p.pp * p.virtual_stages
         layer_sets = layer_chunks(cfg.model.n_layers, self.num_chunks)
         self.chunk_ids = rank_chunks(cfg.model.n_layers, p.pp, p.virtual_stages, mesh.pp_rank)
@@ -55,7 +55,7 @@ class PipelineEngine:
             )
             for c in self.chunk_ids
         ]
-        self.state_module: nn.Module = ChunkView(self.chunks)
+        super().__init__(cfg, mesh, self.chunks, ChunkView(self.chunks))
         self.stages = [
             PipelineStage(
                 chunk,
@@ -92,13 +92,6 @@ class PipelineEngine:
         else:
             out = torch.empty((mb, T, d), dtype=torch.float32, device=meta, requires_grad=True)
         return inp, out
-
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
-
-    def train(self, mode: bool = True) -> None:
-        for c in self.chunks:
-            c.train(mode)
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._loss_chunk.loss(logits, targets)
@@ -139,8 +132,9 @@ class PipelineEngine:
         return self._share_loss(total)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
-        """Forward-only relay of every micro batch through the chunks in order."""
+    def forward_loss(self, batches: list[Batch]) -> torch.Tensor:
+        """Mean loss over `batches`: a forward-only relay of every micro batch through the
+        chunks in order. Returns it on every rank of the pipeline."""
         dev, m = self.mesh.device, self.mesh
         total = torch.zeros((), device=dev)
         for x, y in batches:

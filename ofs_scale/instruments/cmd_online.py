@@ -8,7 +8,7 @@ DP rank 0 only), the K values are summed into one vector over all ranks and rank
     <run.out_dir>/cmd/trajectory.f32   one float32 row of K values per record
     <run.out_dir>/cmd/steps.i64        the step of each row
 
-which `python -m ofs_scale.cmd RUN_DIR` analyses. On resume, rows after the resumed step are cut.
+which `ofs-scale cmd RUN_DIR` analyses. On resume, rows after the resumed step are cut.
 Columns name no global rank, so a run resumed under another DP size samples the same weights.
 
 Online CMD (`metrics.cmd.online`): the first `metrics.cmd.warmup` records also keep every local

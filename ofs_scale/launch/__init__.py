@@ -1,8 +1,8 @@
 """Launching on SLURM: submitit jobs and sweeps, signal handling with requeue, run status.
 
-python -m ofs_scale.launch submit --config FILE [overrides] [--sweep FILE] [--local] [--stage-jobs]
-python -m ofs_scale.launch status RUN_OR_SWEEP_DIR
-python -m ofs_scale.launch tail RUN_DIR [-n N] [--follow]
+ofs-scale launch submit --config FILE [overrides] [--sweep FILE] [--local] [--stage-jobs]
+ofs-scale launch status RUN_OR_SWEEP_DIR
+ofs-scale launch tail RUN_DIR [-n N] [--follow]
 """
 
 from ofs_scale.launch.job import TrainJob, run_point, train_run

@@ -1,4 +1,4 @@
-"""Command line of the launcher; see `python -m ofs_scale.launch --help`."""
+"""Command line of the launcher; see `ofs-scale launch --help`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ofs_scale.config import ConfigError, load_config
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ofs_scale.launch", description="Submit and watch ofs_scale runs."
+        prog="ofs-scale launch", description="Submit and watch ofs_scale runs."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a run or a sweep (submitit: SLURM or --local)")

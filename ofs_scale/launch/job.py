@@ -26,6 +26,8 @@ import submitit
 import torch
 
 from ofs_scale.config import Config, ConfigError, load_config
+from ofs_scale.parallel.mesh import destroy_mesh
+from ofs_scale.trainer.loop import Trainer
 from ofs_scale.trainer.preemption import PreemptionGuard
 
 CONFIG_SNAPSHOT = "launch.yaml"
@@ -97,9 +99,6 @@ def train_run(
     rank 0 if training finished the run: not after the earlier jobs of a `--stage-jobs` chain
     (`last_job` False), whose `cfg` ends at their own stage. Tears the process group down
     before returning."""
-    from ofs_scale.parallel.mesh import destroy_mesh
-    from ofs_scale.trainer.loop import Trainer
-
     try:
         trainer = Trainer(cfg)
         if guard is not None:

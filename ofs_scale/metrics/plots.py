@@ -1,7 +1,7 @@
 """PNG plots of a run's metrics.jsonl: kurtosis per layer (log scale), MMR, signal propagation
 and attention entropy, the loss curve (with the CMD reconstruction's validation loss), and the
 training-dynamics instruments (collapse, batchless aux loss, CMD error) when a run logs them.
-Used at the end of training and by `tools/plot_metrics.py RUN_DIR`."""
+Used at the end of training and by `ofs-scale plot RUN_DIR`."""
 
 from __future__ import annotations
 

@@ -1,26 +1,9 @@
-"""Plain PyTorch model code; parallelism enters only through the `ParallelLayers` factory."""
+"""Plain PyTorch model code; parallelism enters only through the `ParallelLayers` factory.
 
-from __future__ import annotations
+blocks.py (attention, MLP, one class and one `BLOCKS` entry per block type), norms.py (`NORMS`),
+layers.py (the tensor-parallel layer factory), gpt.py (the model or a pipeline chunk), build.py
+(`build_model`), shapes.py (meta-device builds: parameter counts and shapes without memory).
 
-from ofs_scale.config import Config
-from ofs_scale.model.batchless import configure_aux_scaling
-from ofs_scale.model.gpt import GPT, resolved
-from ofs_scale.model.layers import ParallelLayers
-from ofs_scale.parallel.mesh import Mesh
-from ofs_scale.parallel.tp import padded_vocab_size
-
-__all__ = ["GPT", "ParallelLayers", "build_model", "padded_vocab_size", "resolved"]
-
-
-def build_model(cfg: Config, mesh: Mesh, vocab_size: int, **chunk) -> GPT:
-    """The model (or a pipeline chunk, via `layer_ids`/`first`/`last`) on this rank's device."""
-    layers = ParallelLayers(mesh.tp_group, dp_group=mesh.dp_group)
-    vocab = padded_vocab_size(vocab_size, mesh.tp)
-    model = GPT(cfg.model, vocab, cfg.data.seq_len, layers, seed=cfg.run.seed, **chunk)
-    model.recompute = cfg.train.activation_checkpointing
-    # Batchless aux gradients follow the task loss's micro-batch scaling: the local engine
-    # divides each micro-batch loss by their number, the pipeline schedule divides gradients
-    # afterwards (see model/batchless.py).
-    micro = cfg.train.global_batch // (cfg.train.micro_batch * mesh.dp)
-    configure_aux_scaling(model, micro if mesh.pp == 1 else 1)
-    return model.to(mesh.device)
+This file imports nothing: ofs_scale.config reads the block and norm registries, and importing
+them must not pull in megatron-core (layers.py) or the model.
+"""

@@ -1,4 +1,5 @@
-"""Attention, MLP and the three block types: Pre-Norm, Post-Norm, Outlier Protected (OP).
+"""Attention, MLP and the three block types: Pre-Norm, Post-Norm, Outlier Protected (OP), one
+`BLOCKS` entry each.
 
 Shapes: B batch, T tokens, D model width, H heads on this TP rank, K head dim, F MLP width on
 this TP rank.
@@ -7,13 +8,16 @@ this TP rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofs_scale.model.layers import ParallelLayers
-from ofs_scale.model.norms import build_norm
+if TYPE_CHECKING:
+    from ofs_scale.model.layers import ParallelLayers
 
 
 def rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,51 +121,93 @@ class MLP(nn.Module):
         return self.down(self.hidden(h_BTF))
 
 
+@dataclass
+class BlockOptions:
+    """What a block type may take besides attention and MLP (each type uses what it needs)."""
+
+    make_norm: Callable[[], nn.Module]
+    """A new norm layer of `model.norm` per call."""
+    beta: float
+    """Residual branch weight (OP)."""
+    beta_trainable: bool
+    """Learn beta, one scalar per branch (OP)."""
+
+
 class Block(nn.Module):
-    """One transformer block.
+    """Base of the block types: attention, MLP, and the tap on the residual stream between them
+    (`mid_tap`, h below). Subclasses wire them; build one through `BLOCKS[model.block]`."""
 
-    pre:  h = x + Attn(N1(x));        out = h + MLP(N2(h))
-    post: h = N1(x + Attn(x));        out = N2(h + MLP(h))
-    op:   h = x + beta * Attn(x);     out = h + beta * MLP(h)   (no norms; QK-norm inside Attn)
-    """
+    num_norms = 0
+    """Norm layers in the block (the memory planner counts the inputs they keep)."""
 
-    def __init__(
-        self,
-        kind: str,
-        attn: Attention,
-        mlp: MLP,
-        norm: str,
-        d_model: int,
-        bias: bool,
-        beta: float,
-        beta_trainable: bool,
-        norm_options: dict | None = None,
-    ) -> None:
+    def __init__(self, attn: Attention, mlp: MLP) -> None:
         super().__init__()
-        self.kind = kind
         self.attn = attn
         self.mlp = mlp
         self.mid_tap = Tap()  # h, the residual stream between attention and MLP (quant scope all)
-        if kind == "op":
-            if beta_trainable:
-                self.beta_attn = nn.Parameter(torch.tensor(float(beta)))
-                self.beta_mlp = nn.Parameter(torch.tensor(float(beta)))
-            else:
-                self.beta_attn = self.beta_mlp = float(beta)
-        else:
-            # norm_options: the factory and model config that batchless/psBN norms need.
-            self.norm1 = build_norm(norm, d_model, bias, **(norm_options or {}))
-            self.norm2 = build_norm(norm, d_model, bias, **(norm_options or {}))
+
+
+class PreNormBlock(Block):
+    """Pre-Norm: h = x + Attn(N1(x)); out = h + MLP(N2(h))."""
+
+    num_norms = 2
+
+    def __init__(self, attn: Attention, mlp: MLP, options: BlockOptions) -> None:
+        super().__init__(attn, mlp)
+        self.norm1 = options.make_norm()
+        self.norm2 = options.make_norm()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.kind == "pre":
-            h = self.mid_tap(x_BTD + self.attn(self.norm1(x_BTD)))
-            return h + self.mlp(self.norm2(h))
-        if self.kind == "post":
-            h = self.mid_tap(self.norm1(x_BTD + self.attn(x_BTD)))
-            return self.norm2(h + self.mlp(h))
+        h = self.mid_tap(x_BTD + self.attn(self.norm1(x_BTD)))
+        return h + self.mlp(self.norm2(h))
+
+
+class PostNormBlock(PreNormBlock):
+    """Post-Norm: h = N1(x + Attn(x)); out = N2(h + MLP(h))."""
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        h = self.mid_tap(self.norm1(x_BTD + self.attn(x_BTD)))
+        return self.norm2(h + self.mlp(h))
+
+
+class OPBlock(Block):
+    """Outlier Protected: h = x + beta * Attn(x); out = h + beta * MLP(h). No norms (QK-norm
+    sits inside Attn); beta is a float, or one trainable scalar per branch."""
+
+    def __init__(self, attn: Attention, mlp: MLP, options: BlockOptions) -> None:
+        super().__init__(attn, mlp)
+        if options.beta_trainable:
+            self.beta_attn = nn.Parameter(torch.tensor(float(options.beta)))
+            self.beta_mlp = nn.Parameter(torch.tensor(float(options.beta)))
+        else:
+            self.beta_attn = self.beta_mlp = float(options.beta)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         h = self.mid_tap(x_BTD + self.beta_attn * self.attn(x_BTD))
         return h + self.beta_mlp * self.mlp(h)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block type: its class (built as `cls(attn, mlp, options)`) and the defaults of the
+    model options that depend on it (`model.gpt.resolved` applies them)."""
+
+    cls: type[Block]
+    activation: str
+    """MLP activation when model.activation is unset."""
+    qk_norm: bool
+    """QK-RMSNorm when model.qk_norm is unset."""
+    embed_norm: bool
+    """LayerNorm on the embedding output when model.embed_norm is unset."""
+
+
+# `model.block` -> its type. A leaf that ofs_scale.config reads for the allowed names, so this
+# module imports nothing from the config (see optim/registry.py).
+BLOCKS: dict[str, BlockSpec] = {
+    "pre": BlockSpec(PreNormBlock, activation="gelu", qk_norm=False, embed_norm=False),
+    "post": BlockSpec(PostNormBlock, activation="gelu", qk_norm=False, embed_norm=False),
+    "op": BlockSpec(OPBlock, activation="relu", qk_norm=True, embed_norm=True),
+}
 
 
 def resolve_beta(beta: float | str, n_layers: int) -> float:

@@ -8,6 +8,7 @@ initialised from a generator seeded by (seed, its name), so weights do not depen
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ofs_scale.config import ModelConfig
-from ofs_scale.model.blocks import MLP, Attention, Block, Tap, resolve_beta
+from ofs_scale.model.blocks import BLOCKS, MLP, Attention, BlockOptions, Tap, resolve_beta
 from ofs_scale.model.layers import ParallelLayers
 from ofs_scale.model.norms import build_norm
 from ofs_scale.model.recompute import checkpointed
@@ -32,12 +33,12 @@ def seeded(seed: int, name: str):
 
 
 def resolved(cfg: ModelConfig) -> dict:
-    """Block-dependent defaults: activation, qk_norm and embed_norm."""
-    op = cfg.block == "op"
+    """activation, qk_norm and embed_norm as set, or the block type's defaults where unset."""
+    spec = BLOCKS[cfg.block]
     return {
-        "activation": cfg.activation or ("relu" if op else "gelu"),
-        "qk_norm": op if cfg.qk_norm is None else cfg.qk_norm,
-        "embed_norm": op if cfg.embed_norm is None else cfg.embed_norm,
+        "activation": spec.activation if cfg.activation is None else cfg.activation,
+        "qk_norm": spec.qk_norm if cfg.qk_norm is None else cfg.qk_norm,
+        "embed_norm": spec.embed_norm if cfg.embed_norm is None else cfg.embed_norm,
     }
 
 
@@ -85,6 +86,7 @@ class GPT(nn.Module):
         self.recompute = False  # activation checkpointing of every block (model/recompute.py)
         ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
         r = resolved(cfg)
+        block_cls = BLOCKS[cfg.block].cls
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_init else std
         beta = resolve_beta(cfg.beta, cfg.n_layers)
@@ -92,6 +94,10 @@ class GPT(nn.Module):
         d_ff = int(cfg.ffn_mult * cfg.d_model)
         if d_ff % layers.tp:
             raise ValueError(f"MLP width {d_ff} is not divisible by parallel.tp={layers.tp}")
+        make_norm = functools.partial(
+            build_norm, cfg.norm, cfg.d_model, cfg.bias, layers=layers, cfg=cfg
+        )
+        options = BlockOptions(make_norm, beta, cfg.beta_trainable)
 
         self.embed = None
         if first:
@@ -105,25 +111,13 @@ class GPT(nn.Module):
                     cfg.d_model, cfg.n_heads, layers, std, out_std, cfg.bias, r["qk_norm"], rope
                 )
                 mlp = MLP(cfg.d_model, d_ff, r["activation"], layers, std, out_std, cfg.bias)
-                self.layers[str(i)] = Block(
-                    cfg.block,
-                    attn,
-                    mlp,
-                    cfg.norm,
-                    cfg.d_model,
-                    cfg.bias,
-                    beta,
-                    cfg.beta_trainable,
-                    norm_options={"layers": layers, "cfg": cfg},
-                )
+                self.layers[str(i)] = block_cls(attn, mlp, options)
         self.final_norm = self.head = None
         self.final_tap = Tap()
         if last:
             with seeded(seed, "head"):
                 if cfg.final_norm:
-                    self.final_norm = build_norm(
-                        cfg.norm, cfg.d_model, cfg.bias, layers=layers, cfg=cfg
-                    )
+                    self.final_norm = make_norm()
                 tied = cfg.tie_embeddings
                 if tied and self.embed is None:
                     raise ValueError("tied embeddings need the embedding and head in one chunk")

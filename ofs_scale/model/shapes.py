@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ofs_scale.config import Config
-from ofs_scale.model.gpt import GPT, resolved
+from ofs_scale.model.gpt import GPT
 from ofs_scale.model.layers import ParallelLayers
 from ofs_scale.parallel.mesh import init_mesh
 from ofs_scale.parallel.stages import layer_chunks
@@ -27,36 +27,6 @@ def count_params(model: nn.Module, tp: int) -> tuple[int, int]:
     return local, full
 
 
-def analytic_param_count(cfg: Config, vocab_size: int) -> int:
-    """Total parameter count of the full model, computed without building it."""
-    m = cfg.model
-    r = resolved(m)
-    d, L = m.d_model, m.n_layers
-    d_ff = int(m.ffn_mult * d)
-    vocab = padded_vocab_size(vocab_size, 1)
-    bias = 1 if m.bias else 0
-    norm_params = {
-        "layernorm": d * (1 + bias),
-        "rmsnorm": d,
-        "srms": 0,
-        "none": 0,
-        "batchless": d * (3 + bias),
-        "psbn": d * (1 + bias),
-    }[m.norm]
-    head_dim = d // m.n_heads
-    attn = 3 * d * d + 3 * d * bias + d * d + d * bias + (2 * head_dim if r["qk_norm"] else 0)
-    n_up = 2 if r["activation"] == "swiglu" else 1
-    mlp = n_up * (d * d_ff + d_ff * bias) + d_ff * d + d * bias
-    block = attn + mlp
-    block += (2 if m.beta_trainable else 0) if m.block == "op" else 2 * norm_params
-    total = L * block + vocab * d
-    total += cfg.data.seq_len * d if m.position == "learned" else 0
-    total += d * (1 + bias) if r["embed_norm"] else 0
-    total += norm_params if m.final_norm else 0
-    total += 0 if m.tie_embeddings else vocab * d
-    return total
-
-
 def meta_model(cfg: Config, vocab_size: int, tp_group, **chunk) -> GPT:
     """The model (or a chunk) on the meta device: shapes only, no memory, no initialisation."""
     layers = ParallelLayers(tp_group, perform_initialization=False)
@@ -71,14 +41,25 @@ def meta_model(cfg: Config, vocab_size: int, tp_group, **chunk) -> GPT:
         )
 
 
-def stage_param_shapes(cfg: Config, vocab_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """(name, shape on one TP rank) of every parameter, per pipeline stage."""
+def _single_process_meta_model(cfg: Config, vocab_size: int) -> GPT:
+    """The whole model at TP=1 on the meta device, in this (single) process."""
     if not dist.is_initialized():
         init_mesh(1, 1)
     if dist.get_world_size() != 1:
-        raise RuntimeError("the memory planner runs in a single process (python tools/plan.py)")
+        raise RuntimeError("the memory planner runs in a single process (ofs-scale plan)")
+    return meta_model(cfg, vocab_size, dist.group.WORLD)
+
+
+def param_count(cfg: Config, vocab_size: int) -> int:
+    """Total parameter count of the full model (vocabulary padded as at TP=1), counted on the
+    meta-device build: exact for every model option, and no memory (a 7B model takes ~1 s)."""
+    return count_params(_single_process_meta_model(cfg, vocab_size), 1)[0]
+
+
+def stage_param_shapes(cfg: Config, vocab_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """(name, shape on one TP rank) of every parameter, per pipeline stage."""
     p = cfg.parallel
-    model = meta_model(cfg, vocab_size, dist.group.WORLD)
+    model = _single_process_meta_model(cfg, vocab_size)
     owner = {}
     for c, ids in enumerate(layer_chunks(cfg.model.n_layers, p.pp * p.virtual_stages)):
         for i in ids:

@@ -1,18 +1,24 @@
-"""Optimizers behind one interface: `step`, `zero_grad`, `param_groups`, `named_state`."""
+"""Optimizers behind one interface: `step`, `zero_grad`, `param_groups`, `named_state`.
+
+Each optimizer is one entry of `registry.OPTIMIZER_SPECS`; `build_optimizer` reads it.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ofs_scale.config import OptimConfig
 from ofs_scale.optim.adamw import NamedAdamW
+from ofs_scale.optim.registry import OPTIMIZER_SPECS, OPTIMIZERS
 from ofs_scale.optim.schedule import lr_at, stage_at
+from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.shampoo import Shampoo
 from ofs_scale.optim.sharded import ShardedOptimizer
 from ofs_scale.optim.soap import SOAP
 from ofs_scale.parallel.mesh import Mesh
 
 __all__ = [
+    "OPTIMIZERS",
+    "OPTIMIZER_SPECS",
     "SOAP",
     "NamedAdamW",
     "Shampoo",
@@ -22,15 +28,13 @@ __all__ = [
     "stage_at",
 ]
 
-OPTIMIZERS = {"adamw": NamedAdamW, "soap": SOAP, "shampoo": Shampoo}
 
-
-def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, mesh: Mesh):
+def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: OptimSettings, mesh: Mesh):
     """The optimizer named by `cfg.name` over this rank's parameters; its state is sharded over
     the data-parallel group when `cfg.shard` is true (default: when DP > 1)."""
-    if cfg.name not in OPTIMIZERS:
+    if cfg.name not in OPTIMIZER_SPECS:
         raise ValueError(f"optim.name={cfg.name!r} is unknown; use one of {sorted(OPTIMIZERS)}")
-    cls = OPTIMIZERS[cfg.name]
+    cls = OPTIMIZER_SPECS[cfg.name].cls
     shard = mesh.dp > 1 if cfg.shard is None else cfg.shard
     if shard and mesh.dp > 1:
         return ShardedOptimizer(named, cfg, mesh, cls)

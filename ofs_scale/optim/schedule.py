@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from ofs_scale.config import StageConfig
+if TYPE_CHECKING:
+    from ofs_scale.config import StageConfig
 
 
 def stage_at(step: int, stages: list[StageConfig]) -> tuple[int, int]:

@@ -6,11 +6,9 @@ Legend: G_MN gradient of an M x N weight; m_MN, v_MN Adam moments; per block (i,
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ofs_scale.config import OptimConfig
+from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.soap import (
     MatrixOptimizer,
     StateDict,
@@ -58,14 +56,20 @@ class Shampoo(MatrixOptimizer):
     """
 
     @staticmethod
-    def cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
-        if len(shape) < 2:
-            return float(math.prod(shape))
-        m, n = shape[0], math.prod(shape[1:])
+    def _matrix_cost(m: int, n: int, cfg: OptimSettings) -> float:
         total = 0.0
         for _, _, r, c in block_slices(m, n, cfg.max_precond_dim):
             bm, bn = r.stop - r.start, c.stop - c.start
             total += bm**3 + bn**3 + bm * bn * (bm + bn + 1)
+        return total
+
+    @staticmethod
+    def _factor_numel(m: int, n: int, cfg: OptimSettings) -> int:
+        """Per block (bm x bn): L and its root (bm x bm), R and its root (bn x bn)."""
+        total = 0
+        for _, _, r, c in block_slices(m, n, cfg.max_precond_dim):
+            bm, bn = r.stop - r.start, c.stop - c.start
+            total += 2 * bm * bm + 2 * bn * bn
         return total
 
     def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:

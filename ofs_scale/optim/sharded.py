@@ -15,23 +15,15 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ofs_scale.config import OptimConfig
+from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.parallel.grads import buckets
 from ofs_scale.parallel.mesh import Mesh
 
-CostFn = Callable[[tuple[int, ...], OptimConfig], float]
-
-
-def numel_cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
-    """Cost of an elementwise optimizer (AdamW): one unit per element."""
-    n = 1
-    for d in shape:
-        n *= d
-    return float(n)
+CostFn = Callable[[tuple[int, ...], OptimSettings], float]
 
 
 def assign_owners(
-    named: list[tuple[str, torch.Tensor]], cost: CostFn, cfg: OptimConfig, num_ranks: int
+    named: list[tuple[str, torch.Tensor]], cost: CostFn, cfg: OptimSettings, num_ranks: int
 ) -> dict[str, int]:
     """Owner rank of every parameter: longest-processing-time over `cost`, deterministic.
 
@@ -62,7 +54,7 @@ def state_bytes(optimizer) -> int:
 class ShardedOptimizer:
     """Runs an inner optimizer on the parameters this DP rank owns, then shares the results.
 
-    Communication per step: none before the update (the trainer has already averaged the full
+    Communication per step: none before the update (the engine has already averaged the full
     gradient over DP, so every rank holds it and the owner preconditions a fully reduced
     gradient); after the update each owner broadcasts its updated parameters to the DP group in
     flat buckets, so every rank ends the step with identical weights. Total traffic equals one
@@ -70,19 +62,21 @@ class ShardedOptimizer:
     `named_state` returns only owned parameters, so checkpoint keys are unique across ranks and
     a different DP size on load simply has another rank request each key. With one DP rank
     everything is owned and no collective runs: it is then exactly the inner optimizer.
+
+    `inner_cls` is a registered optimizer class (optim/registry.py): built as
+    `inner_cls(named, cfg)`, with `inner_cls.cost(shape, cfg)` the load ownership balances.
     """
 
     def __init__(
         self,
         named: list[tuple[str, nn.Parameter]],
-        cfg: OptimConfig,
+        cfg: OptimSettings,
         mesh: Mesh,
         inner_cls: type,
     ) -> None:
         self.mesh = mesh
         self.params = [p for _, p in named]
-        cost = getattr(inner_cls, "cost", numel_cost)
-        self.owner = assign_owners(named, cost, cfg, mesh.dp)
+        self.owner = assign_owners(named, inner_cls.cost, cfg, mesh.dp)
         owned = [(n, p) for n, p in named if self.owner[n] == mesh.dp_rank]
         self.inner = inner_cls(owned, cfg)
         self.by_owner = [[p for n, p in named if self.owner[n] == r] for r in range(mesh.dp)]

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from ofs_scale.config import OptimConfig
 from ofs_scale.optim.adamw import param_groups
+from ofs_scale.optim.settings import OptimSettings
 
 log = logging.getLogger("ofs_scale.optim")
 
@@ -88,7 +88,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     reached each parameter and is part of that state, so a reloaded optimizer continues exactly.
     """
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> None:
+    def __init__(self, named: list[tuple[str, nn.Parameter]], cfg: OptimSettings) -> None:
         if cfg.precondition_frequency < 1:
             raise ValueError(
                 f"optim.precondition_frequency={cfg.precondition_frequency} must be >= 1"
@@ -101,9 +101,28 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.names = {p: n for n, p in named}
         self.shampoo_beta = cfg.betas[1] if cfg.shampoo_beta is None else cfg.shampoo_beta
 
-    @staticmethod
-    def cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
+    @classmethod
+    def cost(cls, shape: tuple[int, ...], cfg: OptimSettings) -> float:
         """Relative compute cost of one parameter's update (used to balance ownership)."""
+        if len(shape) < 2:
+            return float(math.prod(shape))
+        return cls._matrix_cost(shape[0], math.prod(shape[1:]), cfg)
+
+    @classmethod
+    def state_numel(cls, shape: tuple[int, ...], cfg: OptimSettings) -> int:
+        """fp32 state elements of one parameter: step counter, Adam moments and, for a matrix
+        (preconditioned as `matrix_shape`: rows x the rest), its factors."""
+        numel = math.prod(shape)
+        if len(shape) < 2:
+            return 2 * numel + 1
+        return 2 * numel + 1 + cls._factor_numel(shape[0], numel // shape[0], cfg)
+
+    @staticmethod
+    def _matrix_cost(m: int, n: int, cfg: OptimSettings) -> float:
+        raise NotImplementedError
+
+    @staticmethod
+    def _factor_numel(m: int, n: int, cfg: OptimSettings) -> int:
         raise NotImplementedError
 
     def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:
@@ -175,12 +194,14 @@ class SOAP(MatrixOptimizer):
     """
 
     @staticmethod
-    def cost(shape: tuple[int, ...], cfg: OptimConfig) -> float:
-        if len(shape) < 2:
-            return float(math.prod(shape))
-        m, n = shape[0], math.prod(shape[1:])
+    def _matrix_cost(m: int, n: int, cfg: OptimSettings) -> float:
         sides = [d for d in (m, n) if d <= cfg.max_precond_dim]
         return float(sum(d**3 for d in sides) + m * n * (sum(sides) + 1))
+
+    @staticmethod
+    def _factor_numel(m: int, n: int, cfg: OptimSettings) -> int:
+        """L and QL (m x m), R and QR (n x n); a side longer than max_precond_dim has neither."""
+        return sum(2 * d * d for d in (m, n) if d <= cfg.max_precond_dim)
 
     def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:
         m, n = matrix_shape(p)

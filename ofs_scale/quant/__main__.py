@@ -1,6 +1,6 @@
 """int8 post-training quantisation evaluation of a checkpoint.
 
-python -m ofs_scale.quant RUN_DIR_OR_CKPT [--weights tensor|channel] [--acts static|dynamic]
+ofs-scale quant RUN_DIR_OR_CKPT [--weights tensor|channel] [--acts static|dynamic]
     [--scope linear|all] [--fp-head] [--calib-batches 16] [--eval-batches N]
 torchrun --nproc_per_node=N -m ofs_scale.quant RUN_DIR --tp T     (any layout; DCP reshards)
 
@@ -22,6 +22,7 @@ from ofs_scale.config import ConfigError
 from ofs_scale.console import console
 from ofs_scale.data import DataError
 from ofs_scale.metrics.records import load_records
+from ofs_scale.parallel.mesh import destroy_mesh
 from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
 from ofs_scale.quant.spec import QuantSpec
 from ofs_scale.quant.table import kurtosis_summary, print_table, write_outputs
@@ -30,7 +31,7 @@ from ofs_scale.quant.table import kurtosis_summary, print_table, write_outputs
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     p = argparse.ArgumentParser(
-        prog="python -m ofs_scale.quant",
+        prog="ofs-scale quant",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -100,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if dist.is_initialized():
-            from ofs_scale.parallel.mesh import destroy_mesh
-
             destroy_mesh()
     return 0
 

@@ -19,7 +19,7 @@ from ofs_scale.checkpoint import CheckpointManager, read_meta, training_state
 from ofs_scale.config import Config, ConfigError, check_world, load_config
 from ofs_scale.data import BatchSampler, TokenSplit, collate, eval_micro_batches, open_data
 from ofs_scale.data import prepare_data as _prepare
-from ofs_scale.engine import build_engine
+from ofs_scale.engine.local import LocalEngine
 from ofs_scale.parallel.mesh import Mesh, init_mesh
 from ofs_scale.quant.sim import calibrate, fake_quantized
 from ofs_scale.quant.spec import QuantSpec
@@ -72,7 +72,7 @@ class LoadedRun:
 
     cfg: Config
     mesh: Mesh
-    engine: Any
+    engine: LocalEngine
     train_split: TokenSplit
     val_split: TokenSplit
     checkpoint: Path
@@ -94,7 +94,9 @@ def load_run(
     paths: RunPaths, overrides: list[str] = (), tp: int = 1, device: str = "cpu"
 ) -> LoadedRun:
     """Rebuild the model of `paths` with tensor parallelism `tp` (data parallel over the rest of
-    the processes; pipeline parallelism off) and load its checkpoint weights into it."""
+    the processes; pipeline parallelism off) and load its checkpoint weights into it. The model
+    runs in a `LocalEngine` whichever engine trained it (DeepSpeed checkpoints carry fp32
+    weights in their DCP part)."""
     cfg = load_config(paths.config, [*overrides, f"parallel.tp={tp}", "parallel.pp=1"])
     cfg.parallel.virtual_stages = 1
     cfg.train.device = device
@@ -103,7 +105,7 @@ def load_run(
     torch.manual_seed(cfg.run.seed)
     prepared = _prepare_data(cfg, mesh)
     train_split, val_split = open_data(prepared, cfg.data.seq_len)
-    engine = build_engine(cfg, mesh, prepared.vocab_size)
+    engine = LocalEngine(cfg, mesh, prepared.vocab_size)
     state = training_state(engine.state_module, _NoOptimizer(), {}, mesh)
     state.pop("extra")
     run_dir = paths.run_dir or Path(cfg.run.out_dir)
@@ -136,11 +138,7 @@ def val_loss(run: LoadedRun, eval_batches: int) -> float:
         m.dp,
     )
     run.engine.train(False)
-    loss = run.engine.evaluate([collate(run.val_split, i) for i in ids])
-    if m.dp > 1:
-        dist.all_reduce(loss, group=m.dp_group)
-        loss /= m.dp
-    return float(loss)
+    return float(run.engine.evaluate([collate(run.val_split, i) for i in ids]))
 
 
 def calibration_batches(run: LoadedRun, num_batches: int) -> list[tuple[torch.Tensor, ...]]:

@@ -2,14 +2,18 @@
 
 Starts `world_size` spawned processes with torch.distributed initialised (gloo on CPU, nccl when
 `backend="nccl"`), a free port each time, runs `fn(rank, *args)` in each, and returns the list of
-return values ordered by rank. An exception in any rank fails the call with that rank's traceback.
-`fn` must be a module-level function (it is pickled by reference).
+return values ordered by rank. An exception in any rank fails the call with that rank's traceback,
+and a rank that dies without a result (killed, crashed) fails it at once. There is no wall-clock
+limit unless `timeout` is given: a busy machine only makes the call slower, and pytest-timeout
+stops a test that hangs. `fn` must be a module-level function (it is pickled by reference).
 """
 
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -58,9 +62,10 @@ def _worker(rank, world_size, port, backend, fn, args, queue) -> None:
 
 
 def run_distributed(
-    fn, world_size: int, *args: Any, backend: str = "gloo", timeout: float = 240.0
+    fn, world_size: int, *args: Any, backend: str = "gloo", timeout: float | None = None
 ) -> list[Any]:
-    """Run `fn(rank, *args)` on `world_size` processes; return results by rank."""
+    """Run `fn(rank, *args)` on `world_size` processes; return results by rank (waiting as long
+    as the ranks are alive, or at most `timeout` seconds when given)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -72,14 +77,27 @@ def run_distributed(
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    dead_before: set[int] = set()
     try:
-        for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, value = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                waiting = [r for r in range(world_size) if r not in results]
+                dead = {r for r in waiting if procs[r].exitcode is not None}
+                # A rank's result is in the pipe before it exits: dead with an empty queue on
+                # two polls in a row means it died without one.
+                for r in sorted(dead & dead_before):
+                    errors.append(f"rank {r} exited (code {procs[r].exitcode}) without a result")
+                dead_before = dead
+                if not errors and deadline is not None and time.monotonic() > deadline:
+                    errors.append(f"ranks {waiting} gave no result within {timeout} s")
+                continue
             if ok:
                 results[rank] = value
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 30)

@@ -1,4 +1,9 @@
-"""The Trainer: stages, steps, evaluation, checkpoints and callbacks of one run."""
+"""The Trainer: stages, steps, evaluation, checkpoints and callbacks of one run.
+
+The Trainer owns the data order, the lr schedule, the counters and the callbacks; everything that
+touches the model goes through the `Engine` interface (`ofs_scale/engine/base.py`), whichever
+engine `build_engine` chose.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ofs_scale.checkpoint import (
-    CheckpointManager,
-    checkpoint_fingerprint,
-    load_shard_state,
-    training_state,
-)
+from ofs_scale.checkpoint import CheckpointManager, checkpoint_fingerprint, load_shard_state
 from ofs_scale.config import Config, check_world, dump_yaml
 from ofs_scale.console import console
 from ofs_scale.data import (
@@ -25,10 +25,9 @@ from ofs_scale.data import (
     open_data,
     prepare_data,
 )
-from ofs_scale.engine import build_engine
+from ofs_scale.engine import Engine, build_engine
 from ofs_scale.instruments import build_instruments
-from ofs_scale.optim import build_optimizer, lr_at, stage_at
-from ofs_scale.parallel.grads import average_across_dp, clip_grads, global_grad_norm
+from ofs_scale.optim import lr_at, stage_at
 from ofs_scale.parallel.mesh import Mesh, init_mesh
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
@@ -40,7 +39,10 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    """Owns the mesh, data, model engine, optimizer and callbacks of one run."""
+    """Owns the mesh, data, engine and callbacks of one run.
+
+    `optimizer`, `named_params` and `params` are the engine's, kept here for the callbacks.
+    """
 
     def __init__(
         self, cfg: Config, callbacks: list[Callback] | None = None, mesh: Mesh | None = None
@@ -65,19 +67,10 @@ class Trainer:
             m.dp,
             cfg.run.seed,
         )
-        self.deepspeed = t.engine == "deepspeed"
-        if self.deepspeed:  # DeepSpeed ZeRO owns reduction, clipping and the AdamW update
-            from ofs_scale.engine.deepspeed import DeepSpeedEngine
-
-            self.engine = DeepSpeedEngine(cfg, m, self.prepared.vocab_size)
-        else:
-            self.engine = build_engine(cfg, m, self.prepared.vocab_size)
+        self.engine: Engine = build_engine(cfg, m, self.prepared.vocab_size)
         self.named_params = self.engine.named_parameters()
         self.params = [p for _, p in self.named_params]
-        if self.deepspeed:
-            self.optimizer = self.engine.optimizer
-        else:
-            self.optimizer = build_optimizer(self.named_params, cfg.optim, m)
+        self.optimizer = self.engine.optimizer
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir or self.out_dir / "checkpoints",
             m,
@@ -127,26 +120,19 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": torch.get_rng_state(),
         }
-        if self.deepspeed:
-            return self.engine.checkpoint_state(extra)
-        return training_state(self.engine.state_module, self.optimizer, extra, self.mesh)
+        return self.engine.checkpoint_state(extra)
 
     def save_checkpoint(self, name: str) -> Path:
         shards = {}
         for cb in self.callbacks:
             if (st := cb.shard_state(self)) is not None:
                 shards[type(cb).__name__] = st
-        if self.deepspeed:
-            return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
-        return self.ckpt.save(name, self.state(), self.step, shards)
+        return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
 
     def resume(self) -> Path | None:
         """Load the newest usable checkpoint of this run, if any."""
         state = self.state()
-        if self.deepspeed:
-            path = self.engine.load_latest(self.ckpt, state, log=self.log)
-        else:
-            path = self.ckpt.load_latest(state, log=self.log)
+        path = self.engine.load_latest(self.ckpt, state, log=self.log)
         if path is None:
             return None
         extra = state["extra"]
@@ -183,31 +169,15 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the next global batch; returns its record."""
-        cfg, m = self.cfg, self.mesh
+        cfg = self.cfg
         t0 = time.perf_counter()
         lr = lr_at(self.step, cfg.train.stages, cfg.optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.train(True)
         batches = self._batches(self.train_split, self.sampler.next())
-        if self.deepspeed:
-            loss, norm, finite = self.engine.step(batches)
-            self.bad_streak = 0 if finite else self.bad_streak + 1
-        else:
-            loss = self.engine.forward_backward(batches)
-            average_across_dp(self.params, m)
-            if m.dp > 1:
-                dist.all_reduce(loss, group=m.dp_group)
-                loss /= m.dp
-            norm = global_grad_norm(self.params, m)
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-            if finite:
-                clip_grads(self.params, cfg.train.grad_clip, norm)
-                self.optimizer.step()
-                self.bad_streak = 0
-            else:
-                self.bad_streak += 1
-            self.optimizer.zero_grad(set_to_none=True)
+        result = self.engine.step(batches)
+        self.bad_streak = 0 if result.applied else self.bad_streak + 1
         self.step += 1
         step_tokens = cfg.train.global_batch * cfg.data.seq_len
         self.tokens += step_tokens
@@ -216,19 +186,20 @@ class Trainer:
         record = {
             "step": self.step,
             "stage": cfg.train.stages[stage_idx].name,
-            "loss": float(loss),
+            "loss": float(result.loss),
             "lr": lr,
-            "grad_norm": float(norm),
+            "grad_norm": float(result.grad_norm),
             "tokens": self.tokens,
             "tokens_per_s": step_tokens / dt,
             "step_time_s": dt,
         }
-        if not finite:
+        if not result.applied:
             record["skipped"] = True
         return record
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
+        """Validation loss and perplexity on the evaluation windows (collective)."""
         cfg, m = self.cfg, self.mesh
         ids = eval_micro_batches(
             self.val_split.num_samples,
@@ -239,11 +210,7 @@ class Trainer:
             m.dp,
         )
         self.engine.train(False)
-        loss = self.engine.evaluate(self._batches(self.val_split, ids))
-        if m.dp > 1:
-            dist.all_reduce(loss, group=m.dp_group)
-            loss /= m.dp
-        val = float(loss)
+        val = float(self.engine.evaluate(self._batches(self.val_split, ids)))
         return {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def fit(self) -> dict[str, Any]:

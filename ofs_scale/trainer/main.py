@@ -1,6 +1,6 @@
 """The training entry point.
 
-python -m ofs_scale.train --config configs/smoke.yaml [section.key=value ...] [--dry-run]
+ofs-scale train --config configs/smoke.yaml [section.key=value ...] [--dry-run]
 torchrun --nproc_per_node=N -m ofs_scale.train --config ... parallel.tp=2 parallel.pp=2
 """
 
@@ -16,7 +16,7 @@ from ofs_scale.checkpoint import CheckpointError
 from ofs_scale.config import Config, ConfigError, dump_yaml, load_config
 from ofs_scale.console import console, print_summary
 from ofs_scale.data import DataError
-from ofs_scale.model.shapes import analytic_param_count, per_rank_param_counts
+from ofs_scale.model.shapes import param_count, per_rank_param_counts
 from ofs_scale.parallel.mesh import destroy_mesh
 from ofs_scale.trainer.loop import Trainer, TrainingStopped
 from ofs_scale.trainer.preemption import PreemptionGuard, finish_preempted
@@ -26,7 +26,7 @@ def dry_run(cfg: Config) -> None:
     """Print the resolved config and parameter counts without allocating the model."""
     console.print(dump_yaml(cfg))
     vocab = cfg.data.vocab_size
-    total = analytic_param_count(cfg, vocab)
+    total = param_count(cfg, vocab)
     rows = {"parameters (total)": f"{total:,}"}
     counts = per_rank_param_counts(cfg, vocab)
     for pp_rank, n in enumerate(counts):
@@ -36,7 +36,7 @@ def dry_run(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ofs_scale.train",
+        prog="ofs-scale train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

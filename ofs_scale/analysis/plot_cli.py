@@ -1,7 +1,9 @@
-"""Plot a run's outlier-feature metrics and loss: python tools/plot_metrics.py RUN_DIR [--out DIR]
+"""Plot a run's outlier-feature metrics and loss.
 
-Reads RUN_DIR/metrics.jsonl and writes kurtosis.png, mmr.png, sigprop.png and loss.png into
-RUN_DIR/plots (or --out).
+    ofs-scale plot RUN_DIR [--out DIR]
+
+Reads RUN_DIR/metrics.jsonl and writes kurtosis.png, mmr.png, sigprop.png, loss.png and, when
+the run logs collapse, batchless or CMD metrics, instruments.png into RUN_DIR/plots (or --out).
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write the plots; print their paths. Returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python tools/plot_metrics.py", description=__doc__)
+    """Write the plots; print their paths. Returns the exit status (2: nothing to plot)."""
+    parser = argparse.ArgumentParser(
+        prog="ofs-scale plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", type=Path, help="a run's run.out_dir (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (RUN_DIR/plots)")
     args = parser.parse_args(argv)
-    from ofs_scale.metrics.plots import write_plots
+    from ofs_scale.metrics.plots import write_plots  # matplotlib: only once there is work
 
     try:
         paths = write_plots(args.run_dir, args.out)
@@ -30,7 +36,3 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         print(p)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Memory and step-time plan of a config on N GPUs; refuses a layout that does not fit.
 
-    python tools/plan.py configs/op7b.yaml --gpus 64 --gpu-mem 80 [--mfu 0.4] [overrides ...]
+    ofs-scale plan configs/op7b.yaml --gpus 64 --gpu-mem 80 [--mfu 0.4] [overrides ...]
 
 Prints per-GPU bytes for parameters, gradients, optimizer state (SOAP/Shampoo factors and bases
 included, ZeRO-1 sharding applied), activations with and without activation checkpointing, FLOPs
@@ -12,16 +12,14 @@ activation checkpointing, which the config leaves off; 4: does not fit (with wha
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
-from rich.console import Console
 from rich.table import Table
 
 from ofs_scale.analysis.plan import GIB, Plan, plan
 from ofs_scale.config import ConfigError, load_config
+from ofs_scale.console import console
 
-console = Console()
 FITS, NEEDS_CHECKPOINTING, DOES_NOT_FIT = 0, 3, 4
 
 
@@ -78,7 +76,11 @@ def report(p: Plan, gpu_mem_gib: float, reserve_gib: float, checkpointing: bool 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status described in the module docstring."""
-    parser = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ofs-scale plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--gpus", type=int, required=True, help="total GPUs")
@@ -97,7 +99,3 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {e}")
         return 2
     return report(p, args.gpu_mem, args.reserve, cfg.train.activation_checkpointing)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Cross-field checks of a loaded config (what a single field's type cannot express), and the
+data-parallel size a world size gives."""
+
+from __future__ import annotations
+
+from ofs_scale.config.schema import Config, ConfigError
+from ofs_scale.optim.registry import OPTIMIZER_SPECS
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single type cannot express."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for key, value in [
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("data.seq_len", cfg.data.seq_len),
+        ("data.vocab_size", cfg.data.vocab_size),
+        ("train.global_batch", t.global_batch),
+        ("train.micro_batch", t.micro_batch),
+        ("parallel.tp", p.tp),
+        ("parallel.pp", p.pp),
+        ("parallel.virtual_stages", p.virtual_stages),
+    ]:
+        need(value > 0, f"{key}={value} must be positive")
+    need(m.d_model % m.n_heads == 0, f"model.n_heads={m.n_heads} must divide model.d_model")
+    need((m.d_model // m.n_heads) % 2 == 0 or m.position != "rope", "RoPE needs an even head_dim")
+    need(
+        m.n_heads % p.tp == 0,
+        f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}; "
+        f"choose a tp that divides the head count",
+    )
+    need(m.beta == "auto" or m.beta > 0, "model.beta must be positive or 'auto'")
+    need(len(t.stages) > 0, "train.stages needs at least one stage")
+    names = [s.name for s in t.stages]
+    need(len(set(names)) == len(names), f"train.stages names must be unique, got {names}")
+    for i, s in enumerate(t.stages):
+        need(s.steps > 0, f"train.stages.{i}.steps={s.steps} must be positive")
+        need(s.warmup_steps >= 0, f"train.stages.{i}.warmup_steps must be >= 0")
+        need(
+            s.name.replace("_", "").replace("-", "").isalnum(),
+            f"stage name {s.name!r}: use letters, digits, _ and -",
+        )
+    need(
+        t.global_batch % t.micro_batch == 0,
+        f"train.global_batch={t.global_batch} must be a multiple of "
+        f"train.micro_batch={t.micro_batch}",
+    )
+    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    need(cfg.data.vocab_size <= 1 << 31, "data.vocab_size too large")
+    need(
+        cfg.data.vocab_size >= 320,
+        "data.vocab_size must be at least 320 (256 byte pieces + merges)",
+    )
+    need(cfg.optim.lr > 0, "optim.lr must be positive")
+    need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    need(m.bln_weight >= 0, f"model.bln_weight={m.bln_weight} must be >= 0")
+    c = cfg.metrics.cmd
+    need(c.every >= 0, f"metrics.cmd.every={c.every} must be >= 0 (0: off)")
+    need(c.num_weights >= 2, f"metrics.cmd.num_weights={c.num_weights} must be at least 2")
+    need(c.min_per_layer >= 0, f"metrics.cmd.min_per_layer={c.min_per_layer} must be >= 0")
+    need(c.modes >= 1, f"metrics.cmd.modes={c.modes} must be >= 1")
+    need(
+        c.warmup >= 3 and c.warmup >= c.modes,
+        f"metrics.cmd.warmup={c.warmup} must be >= 3 and >= metrics.cmd.modes={c.modes} "
+        "(correlations need several records and at least one reference per mode)",
+    )
+    need(
+        p.virtual_stages == 1 or p.schedule == "interleaved",
+        "parallel.virtual_stages > 1 needs parallel.schedule=interleaved",
+    )
+    need(
+        not (p.pp > 1 and m.tie_embeddings),
+        "model.tie_embeddings is not supported with parallel.pp > 1 (embedding and head live on "
+        "different stages); set model.tie_embeddings=false",
+    )
+    if t.engine == "deepspeed":
+        need(
+            p.pp == 1,
+            f"train.engine=deepspeed does not support parallel.pp={p.pp}; set parallel.pp=1 "
+            "or use train.engine=native for pipeline parallelism",
+        )
+        allowed = [n for n, spec in OPTIMIZER_SPECS.items() if spec.deepspeed]
+        others = " and ".join(s.title for s in OPTIMIZER_SPECS.values() if not s.deepspeed)
+        need(
+            cfg.optim.name in allowed,
+            f"train.engine=deepspeed supports only optim.name={'|'.join(allowed)} "
+            f"(got {cfg.optim.name!r}): DeepSpeed's flat partitions cut matrices apart; use "
+            f"train.engine=native for {others}",
+        )
+    chunks = p.pp * p.virtual_stages
+    need(
+        m.n_layers >= chunks,
+        f"model.n_layers={m.n_layers} is fewer than pipeline chunks pp*virtual_stages={chunks}",
+    )
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """Return the data-parallel size for `world_size` processes, or raise a ConfigError."""
+    p, t = cfg.parallel, cfg.train
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}"
+        )
+    dp = world_size // (p.tp * p.pp)
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} must be a multiple of "
+            f"train.micro_batch*dp={t.micro_batch}*{dp}"
+        )
+    return dp
