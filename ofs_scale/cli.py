@@ -31,6 +31,11 @@ COMMANDS: dict[str, Command] = {
     "cmd": Command("ofs_scale.analysis.cmd", "correlation mode decomposition of a run"),
     "plan": Command("ofs_scale.analysis.plan_cli", "per-GPU memory and step time of a layout"),
     "plot": Command("ofs_scale.analysis.plot_cli", "redraw a run's metric and loss plots"),
+    "ckpt": Command("ofs_scale.checkpoint.cli", "list checkpoints, verify their checksums"),
+    "export": Command("ofs_scale.export.__main__", "a run as a Hugging Face transformers model"),
+    "eval": Command("ofs_scale.eval.__main__", "lm-evaluation-harness tasks on a run or HF model"),
+    "inspect": Command("ofs_scale.eval.inspect_hf", "OF metrics of any local HF causal LM"),
+    "prepare": Command("ofs_scale.data.prepare.cli", "tokenize raw text into an indexed dataset"),
 }
 
 DESCRIPTION = """Train decoder-only transformers and measure their outlier features.

@@ -76,6 +76,64 @@ def tiny_overrides(corpus: Path, cache: Path, out: Path) -> list[str]:
     ]
 
 
+def write_indexed_dataset(
+    root: Path, docs: list[list[int]], vocab_size: int, tokenizer: bytes = b"test tokenizer"
+) -> Path:
+    """A prepared dataset written outside `ofs-scale prepare`: megatron-core's own builder (two
+    parts) plus a hand-written manifest; `tokenizer` stands for the .model bytes (its sha256 is
+    what the trainer compares). Each document should end with its EOD token."""
+    import hashlib
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer.model").write_bytes(tokenizer)
+    dtype = np.uint16 if vocab_size < 65500 else np.int32
+    halves = [docs[: len(docs) // 2], docs[len(docs) // 2 :]]
+    parts = []
+    for i, half in enumerate(halves):
+        prefix = f"part_{i:05d}"
+        builder = IndexedDatasetBuilder(str(root / f"{prefix}.bin"), dtype=dtype)
+        for doc in half:
+            builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+        builder.finalize(str(root / f"{prefix}.idx"))
+        n_tokens = sum(len(d) for d in half)
+        parts.append({"prefix": prefix, "sources": [], "documents": len(half), "tokens": n_tokens})
+    manifest = {
+        "format": "ofs_scale-indexed-v1",
+        "tokenizer": {
+            "kind": "sentencepiece",
+            "model": "tokenizer.model",
+            "sha256": hashlib.sha256(tokenizer).hexdigest(),
+            "vocab_size": vocab_size,
+            "eod_id": 1,
+        },
+        "dtype": np.dtype(dtype).name,
+        "parts": parts,
+        "documents": len(docs),
+        "tokens": sum(p["tokens"] for p in parts),
+        "sources": [],
+        "created_by": "tests.helpers.write_indexed_dataset",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def random_docs(
+    n_docs: int, vocab_size: int, seed: int, mark: int | None = None
+) -> list[list[int]]:
+    """Random documents of 20-200 tokens ending in EOD (id 1); `mark`, if given, is every
+    non-EOD token, so that a test can tell which dataset a window came from."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = int(torch.randint(20, 200, (1,), generator=gen))
+        doc = torch.randint(2, vocab_size, (n,), generator=gen).tolist()
+        docs.append(([mark] * n if mark is not None else doc) + [1])
+    return docs
+
+
 # --- training ----------------------------------------------------------------------------------
 
 

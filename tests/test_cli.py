@@ -16,7 +16,10 @@ import pytest
 from ofs_scale.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "launch", "quant", "report", "cmd", "plan", "plot"]
+SUBCOMMANDS = [
+    *("train", "launch", "quant", "report", "cmd", "plan", "plot", "ckpt", "prepare"),
+    *("export", "eval", "inspect"),
+]
 MODULE_FORMS = ["train", "launch", "quant", "report", "cmd"]  # python -m ofs_scale.<x>
 
 # One interpreter for all the --help calls (each sub-main that imports torch costs a second or

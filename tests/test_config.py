@@ -49,7 +49,7 @@ def test_smoke_config_loads():
         ("model.d_model=wide", "model.d_model='wide' should be an integer"),
         ("model.beta_trainable=maybe", "should be true or false"),
         ("model.block=opp", "choose one of ['pre', 'post', 'op'] (did you mean 'op'?)"),
-        ("optim.name=sgd", "choose one of ['adamw', 'soap', 'shampoo']"),
+        ("optim.name=sgd", "choose one of ['adamw', 'soap', 'shampoo', 'muon']"),
         ("optim.lr=fast", "optim.lr='fast' should be a number"),
         ("optim.betas=[0.9]", "optim.betas=[0.9] should be a list of 2 values"),
         ("optim.lr=0", "optim.lr must be positive"),
@@ -146,7 +146,7 @@ def test_repo_configs_keep_their_explicit_optimizer_values():
     assert op7b.name == "soap"
     assert _numbers(op7b) == {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     base = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-    for name in ("adamw", "soap"):  # the configs/repro/cpu_grid.yaml points
+    for name in ("adamw", "soap", "muon"):  # the configs/repro/cpu_grid.yaml points
         cfg = load_config("configs/repro/cpu_base.yaml", [f"optim.name={name}"])
         assert _numbers(cfg.optim) == base
     smoke = load_config("configs/smoke.yaml", ["optim.name=soap"]).optim

@@ -100,7 +100,7 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
         base, TEN_STEPS, ds, "train.dtype=bf16", f"run.out_dir={out}/zb"
     )
     # A NaN weight in bf16: DeepSpeed skips the update, the trainer counts bad steps and stops
-    # with a checkpoint that a fresh trainer resumes from.
+    # with a checkpoint (marked unhealthy) that a fresh trainer resumes when told to.
     from ofs_scale.trainer.loop import Trainer, TrainingStopped
 
     nan = [*base, ds, "train.dtype=bf16", "train.max_bad_steps=2", f"run.out_dir={out}/nan"]
@@ -112,6 +112,7 @@ def _dp2_checks(rank: int, base: list[str], out: Path) -> dict:
     with pytest.raises(TrainingStopped, match="2 non-finite steps"):
         trainer.fit()
     res["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, trainer.params[1:]))
+    cfg.checkpoint.resume_from = "latest"
     res["nan_resumed"] = Trainer(cfg, callbacks=[]).resume()
     return res
 

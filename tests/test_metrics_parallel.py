@@ -1,5 +1,6 @@
-"""OF metrics under TP, DP, PP and mixes equal the single-process values on the same global micro
-batch and weights; hooks are live only on metric steps; the CLI prints the table and plots."""
+"""OF metrics under TP, DP, PP, mixes and micro-batch splits equal one process on the same
+measured sequences and weights; hooks are live only on metric steps; the CLI prints the table
+and plots."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ofs_scale.config import load_config
 from ofs_scale.data import collate
 from ofs_scale.instruments.of_metrics import MetricsCallback
 from ofs_scale.metrics.collect import Collector, distributed_kth, select_sites
-from ofs_scale.parallel.mesh import destroy_mesh
+from ofs_scale.metrics.measured import measured_positions
 from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.loop import Trainer
@@ -22,28 +23,24 @@ from tests.helpers import tiny_overrides
 
 BLOCKS = ["pre", "op"]  # op: QK-norm, ReLU MLP (many zero medians), no block norms
 PREFIXES = ("of/", "sigprop/", "attn/")
-# name: (overrides, which global micro batch the layout measures). With global_batch 8:
-# A = the first 4 samples (DP=1, micro batch 4); B = samples 0,1 and 4,5 (DP=2, micro batch 2:
-# each DP rank's first micro batch). Every layout runs 2 micro batches per rank, so measuring
-# the first one only is tested too.
+# global_batch 8, metrics.sequences 4: positions 0, 2, 4, 6 of the global batch are measured,
+# spread over both DP ranks and over several micro batches, whatever the layout.
+SEQUENCES = 4
 LAYOUTS_2 = {
-    "tp2": (["parallel.tp=2", "train.micro_batch=4"], "A"),
-    "dp2": (["train.micro_batch=2"], "B"),
-    "pp2": (["parallel.pp=2", "train.micro_batch=4"], "A"),
-    "pp2_interleaved": (
-        [
-            "parallel.pp=2",
-            "parallel.virtual_stages=2",
-            "parallel.schedule=interleaved",
-            "train.micro_batch=4",
-        ],
-        "A",
-    ),
+    "tp2": ["parallel.tp=2", "train.micro_batch=4"],
+    "dp2": ["train.micro_batch=2"],
+    "pp2": ["parallel.pp=2", "train.micro_batch=2"],
+    "pp2_interleaved": [
+        "parallel.pp=2",
+        "parallel.virtual_stages=2",
+        "parallel.schedule=interleaved",
+        "train.micro_batch=4",
+    ],
 }
 LAYOUTS_4 = {
-    "tp2_dp2": (["parallel.tp=2", "train.micro_batch=2"], "B"),
-    "pp2_tp2": (["parallel.pp=2", "parallel.tp=2", "train.micro_batch=4"], "A"),
-    "pp2_dp2": (["parallel.pp=2", "train.micro_batch=2"], "B"),
+    "tp2_dp2": ["parallel.tp=2", "train.micro_batch=2"],
+    "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "train.micro_batch=1"],
+    "pp2_dp2": ["parallel.pp=2", "train.micro_batch=2"],
 }
 
 
@@ -84,6 +81,7 @@ def _base(corpus, cache, out) -> list[str]:
         *tiny_overrides(corpus, cache, out),
         "model.n_layers=4",
         "metrics.every=1",
+        f"metrics.sequences={SEQUENCES}",
         "train.stages=[{name: main, steps: 1}]",
     ]
 
@@ -102,14 +100,15 @@ def _direct(trainer: Trainer, ids) -> dict[str, float]:
 
 
 def _reference(rank, base):
+    """One process, one micro batch of the whole global batch (a spawned process like the
+    layouts': one thread, no state left over from other tests)."""
     out = {}
     for block in BLOCKS:
-        cfg = load_config(None, [*base, f"model.block={block}", "train.micro_batch=4"])
+        cfg = load_config(None, [*base, f"model.block={block}", "train.micro_batch=8"])
         cap = Capture()
         trainer = Trainer(cfg, callbacks=[MetricsCallback(plots=False), cap])
         ids = trainer.sampler.global_batch_ids(0)
-        out[block, "A"] = _direct(trainer, ids[:4])
-        out[block, "B"] = _direct(trainer, ids[[0, 1, 4, 5]])
+        out[block, "measured"] = _direct(trainer, ids[measured_positions(8, SEQUENCES).numpy()])
         out[block, "full"] = _direct(trainer, ids)
         trainer.fit()
         out[block, "trainer"] = metric_part(cap.records[0])
@@ -127,7 +126,7 @@ def _reference(rank, base):
 
 def _layouts(rank, base, layouts):
     out = {}
-    for name, (over, _) in layouts.items():
+    for name, over in layouts.items():
         for block in layout_blocks(name):
             cfg = load_config(None, [*base, *over, f"model.block={block}"])
             cap = Capture()
@@ -160,30 +159,38 @@ def _kth_check(rank) -> bool:
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, cache_dir, tmp_path_factory):
     base = _base(tiny_corpus, cache_dir, tmp_path_factory.mktemp("metrics_par"))
-    try:  # one process needs no spawn: the mesh is a world-1 group in this process
-        ref = _reference(0, base)
-    finally:
-        destroy_mesh()
+    (ref,) = run_distributed(_reference, 1, base)
     two = run_distributed(_layouts, 2, base, LAYOUTS_2)
     four = run_distributed(_layouts, 4, base, LAYOUTS_4)
     return ref, two, four
 
 
 def assert_same(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
+    """Same keys, and every value within `rtol` (NaN equals NaN); a failure names the key and
+    prints both values."""
     assert sorted(got) == sorted(want), what
     for key, value in want.items():
         a, b = torch.tensor(got[key]), torch.tensor(value)
-        torch.testing.assert_close(a, b, rtol=rtol, atol=0, equal_nan=True, msg=f"{what} {key}")
+        torch.testing.assert_close(
+            a,
+            b,
+            rtol=rtol,
+            atol=0,
+            equal_nan=True,
+            msg=lambda m, k=key, a=got[key], b=value: f"{what} {k}: got {a!r}, want {b!r}\n{m}",
+        )
 
 
-def test_trainer_measures_first_micro_batch_like_one_forward(runs):
+def test_trainer_measures_the_chosen_sequences_like_one_forward(runs):
     ref, _, _ = runs
     for block in BLOCKS:
-        assert_same(ref[block, "trainer"], ref[block, "A"], f"{block} trainer", rtol=1e-12)
-        assert ref[block, "full"]["of/kurtosis/block_00"] != ref[block, "A"]["of/kurtosis/block_00"]
-    keys = ref["pre", "A"]
+        want = ref[block, "measured"]
+        assert_same(ref[block, "trainer"], want, f"{block} trainer", rtol=1e-12)
+        assert ref[block, "full"]["of/kurtosis/block_00"] != want["of/kurtosis/block_00"]
+    keys = ref["pre", "measured"]
     assert {
-        f"of/{m}/block_03" for m in ("kurtosis", "kurtosis_c1", "mmr", "max_abs", "rms")
+        f"of/{m}/block_03"
+        for m in ("kurtosis", "kurtosis_c1", "mmr", "mmr_centred", "max_abs", "rms")
     } <= set(keys)
     assert {"sigprop/cos/embed", "sigprop/cos/final", "attn/entropy/attn_03"} <= set(keys)
     assert {"of/kurtosis/mlp_02", "of/kurtosis_max", "of/kurtosis_mean"} <= set(keys)
@@ -194,10 +201,10 @@ def test_trainer_measures_first_micro_batch_like_one_forward(runs):
 def test_layouts_equal_single_process(runs, world):
     ref, two, four = runs
     results, layouts = (two, LAYOUTS_2) if world == 2 else (four, LAYOUTS_4)
-    for name, (_, batch) in layouts.items():
+    for name in layouts:
         for block in layout_blocks(name):
             for rank, res in enumerate(results):  # every rank ends with every value
-                assert_same(res[name, block], ref[block, batch], f"{name} {block} rank {rank}")
+                assert_same(res[name, block], ref[block, "trainer"], f"{name} {block} rank {rank}")
 
 
 def test_distributed_median_is_exact(runs):

@@ -11,6 +11,7 @@ import torch
 
 from ofs_scale.metrics import stats
 from ofs_scale.metrics.collect import select_sites
+from ofs_scale.metrics.measured import measured_positions, measured_rows
 from ofs_scale.metrics.plots import load_records, write_plots
 
 
@@ -20,10 +21,12 @@ def np_kurtosis(x: np.ndarray) -> float:
 
 
 def np_kurtosis_c1(x: np.ndarray) -> float:
+    """The reference code's form: width-centred, divided by the global RMS, unbiased (D-1)
+    variance over neurons of the per-neuron mean squares."""
     x = x.astype(np.float64)
     c = x - x.mean(1, keepdims=True)
     c = c / np.sqrt((c**2).mean())
-    return float(np.var((c**2).mean(0)))
+    return float(np.var((c**2).mean(0), ddof=1))
 
 
 def np_mmr(x: np.ndarray) -> float:
@@ -31,6 +34,11 @@ def np_mmr(x: np.ndarray) -> float:
     med = a[:, (a.shape[1] - 1) // 2]
     ok = med > 0
     return float((a[ok, -1] / med[ok]).mean())
+
+
+def np_mmr_centred(x: np.ndarray) -> float:
+    x = x.astype(np.float64)
+    return np_mmr(x - x.mean(1, keepdims=True))
 
 
 def np_cos(x_btd: np.ndarray) -> np.ndarray:
@@ -72,6 +80,9 @@ def from_partials(x_ND: torch.Tensor, token_parts: int, neuron_parts: int) -> di
     max_N, median_N = stats.abs_max_and_median(x_ND)
     mmr_sum, mmr_n = stats.mmr_terms(max_N, median_N)
     fields.update(mmr_sum=float(mmr_sum), mmr_n=float(mmr_n), cos_sum=0.0, cos_n=1.0)
+    cmax_N, cmedian_N = stats.abs_max_and_median(x_ND.double() - mean_N[:, None])
+    cmmr_sum, cmmr_n = stats.mmr_terms(cmax_N, cmedian_N)
+    fields.update(cmmr_sum=float(cmmr_sum), cmmr_n=float(cmmr_n))
     return stats.finish_site(fields, float(x_ND.abs().max()), "mlp")
 
 
@@ -110,12 +121,14 @@ def test_formulas_match_numpy(seed):
     assert stats.kurtosis(x) == pytest.approx(np_kurtosis(xn), rel=1e-10)
     assert stats.kurtosis_c1(x) == pytest.approx(np_kurtosis_c1(xn), rel=1e-10)
     assert stats.mmr(x) == pytest.approx(np_mmr(xn), rel=1e-10)
+    assert stats.mmr_centred(x) == pytest.approx(np_mmr_centred(xn), rel=1e-6)
     # DP x TP style combination of partial sums equals the direct formulas
     for tokens, neurons in ((1, 1), (2, 2), (3, 4)):
         got = from_partials(x, tokens, neurons)
         assert got["of/kurtosis"] == pytest.approx(np_kurtosis(xn), rel=1e-10)
         assert got["of/kurtosis_c1"] == pytest.approx(np_kurtosis_c1(xn), rel=1e-10)
         assert got["of/mmr"] == pytest.approx(np_mmr(xn), rel=1e-10)
+        assert got["of/mmr_centred"] == pytest.approx(np_mmr_centred(xn), rel=1e-6)
         assert got["of/rms"] == pytest.approx(float(np.sqrt((xn**2).mean())), rel=1e-6)
     x_btd = x.reshape(4, 24, 24)
     cos = stats.cosine_offdiag(x_btd)
@@ -123,6 +136,39 @@ def test_formulas_match_numpy(seed):
     q, k = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g) * 2
     ent_sum, ent_n = stats.attention_entropy(q, k)
     assert float(ent_sum / ent_n) == pytest.approx(np_entropy(q.numpy(), k.numpy()), rel=1e-5)
+
+
+def test_reference_variants_written_out():
+    """kurtosis_c1 is D/(D-1) times Kurt - 1 of the width-centred activations; the centred MMR
+    differs from the paper's MMR when the tokens have a non-zero mean over the width."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 10.0], [0.5, -0.5, 1.5, 2.5], [4.0, 0.0, 1.0, 1.0]])
+    c = x.double() - x.double().mean(-1, keepdim=True)
+    d = x.shape[1]
+    assert stats.kurtosis_c1(x) == pytest.approx(d / (d - 1) * (stats.kurtosis(c) - 1), rel=1e-12)
+    # row 0: |x| = 1,2,3,10 -> 10/2; |x - 4| = 3,2,1,6 -> 6/2 (lower median of 4 values)
+    # row 1: 2.5/0.5 and |x - 1| = 0.5,1.5,0.5,1.5 -> 1.5/0.5
+    # row 2: |x| median 1 -> 4/1; |x - 1.5| = 2.5,1.5,0.5,0.5 -> 2.5/0.5
+    assert stats.mmr(x) == pytest.approx((5.0 + 5.0 + 4.0) / 3, rel=1e-12)
+    assert stats.mmr_centred(x) == pytest.approx((3.0 + 3.0 + 5.0) / 3, rel=1e-12)
+
+
+def test_measured_rows_do_not_depend_on_layout():
+    """The measured sequences are the same positions of the global batch under any DP size and
+    micro-batch split, each measured exactly once."""
+    for g, n in ((8, 4), (16, 16), (16, 0), (12, 5), (8, 100)):
+        want = measured_positions(g, n)
+        assert len(set(want.tolist())) == len(want) == (min(n, g) if n else g)
+        for dp in (1, 2, 4):
+            for mb in (1, 2, g // dp):
+                if (g // dp) % mb:
+                    continue
+                got = [
+                    r * (g // dp) + m * mb + rows
+                    for r in range(dp)
+                    for m, rows in enumerate(measured_rows(g, mb, dp, r, n))
+                ]
+                assert torch.equal(torch.cat(got), want), (g, n, dp, mb)
+    assert measured_positions(16, 4).tolist() == [0, 4, 8, 12]
 
 
 def test_entropy_blocks_and_uniform_attention(monkeypatch):

@@ -1,4 +1,4 @@
-"""ZeRO-1 sharded AdamW/SOAP/Shampoo: DP=2 equals the single-process optimizer, state is
+"""ZeRO-1 sharded AdamW/SOAP/Shampoo/Muon: DP=2 equals the single-process optimizer, state is
 balanced and disjoint, and Trainer checkpoints reshard DP=2 <-> DP=1 with identical next steps."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def single_rank_mesh() -> Mesh:
 
 
 def test_lpt_ownership_balances_state_bytes():
-    for name in ("soap", "shampoo", "adamw"):
+    for name in ("soap", "shampoo", "adamw", "muon"):
         cfg = OptimConfig(name=name, max_precond_dim=64, **CFG)
         named = make_params()
         per_param = {n: state_bytes(OPTIMIZERS[name]([(n, p)], cfg)) for n, p in named}
@@ -78,7 +78,7 @@ def test_lpt_ownership_balances_state_bytes():
 
 
 def test_sharded_at_one_rank_is_exactly_the_plain_optimizer():
-    for name in ("soap", "shampoo", "adamw"):
+    for name in ("soap", "shampoo", "adamw", "muon"):
         cfg = OptimConfig(name=name, shard=True, **CFG)
         named_a, named_b = make_params(), make_params()
         plain = build_optimizer(named_a, cfg, single_rank_mesh())
@@ -96,7 +96,7 @@ def test_sharded_at_one_rank_is_exactly_the_plain_optimizer():
 def _dp2_vs_plain(rank: int) -> dict:
     mesh = init_mesh(1, 1)
     out = {}
-    for name in ("soap", "shampoo", "adamw"):
+    for name in ("soap", "shampoo", "adamw", "muon"):
         cfg = OptimConfig(name=name, max_precond_dim=64, **CFG)
         named_s, named_p = make_params(), make_params()
         sharded = build_optimizer(named_s, cfg, mesh)
@@ -166,7 +166,7 @@ def dp_runs(tiny_corpus, cache_dir, tmp_path_factory) -> dict:
 def test_dp2_sharded_equals_plain_and_splits_state(dp_runs):
     ranks = [r["synthetic"] for r in dp_runs["dp2"]]
     names = {n for n, _ in transformer_shapes()}
-    for name in ("soap", "shampoo", "adamw"):
+    for name in ("soap", "shampoo", "adamw", "muon"):
         r0, r1 = ranks[0][name], ranks[1][name]
         assert r0["sharded"] and r1["sharded"]
         assert r0["diff"] == 0.0 and r1["diff"] == 0.0, name

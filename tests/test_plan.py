@@ -11,7 +11,7 @@ import pytest
 from ofs_scale.analysis.plan import optimizer_state_numel, plan
 from ofs_scale.config import load_config
 from ofs_scale.testing.distributed import run_distributed
-from tests.helpers import tiny_overrides
+from tests.helpers import random_docs, tiny_overrides, write_indexed_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # max_precond_dim 48: the 128-wide MLP sides and the 512-row vocab get no SOAP factor and
@@ -47,6 +47,7 @@ LAYOUTS = [
     (2, ["optim.name=adamw"]),
     (2, ["optim.name=soap"]),
     (2, ["optim.name=shampoo"]),
+    (2, ["optim.name=muon"]),
     (1, ["optim.name=soap", "optim.shard=true"]),
     (1, ["optim.name=adamw", "optim.shard=true"]),
 ]
@@ -63,7 +64,7 @@ def single_process():
 
 def test_predictions_match_allocated_tensors(tmp_path, single_process):
     # one rank alone: the whole model, unsharded state
-    names = ("adamw", "soap", "shampoo")
+    names = ("adamw", "soap", "shampoo", "muon")
     (single,) = run_distributed(
         _allocated, 1, str(tmp_path), [(1, [f"optim.name={n}"]) for n in names]
     )
@@ -98,8 +99,12 @@ def test_soap_state_formula_by_hand():
     assert optimizer_state_numel((m, n), adamw) == 2 * m * n + 1
 
 
-def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
+def test_plan_tool_fits_refuses_and_rejects(single_process, capsys, tmp_path):
     from ofs_scale.analysis import plan_cli as tool
+
+    # the dry run opens the configured datasets: a small one with the 7B configs' vocabulary
+    data = write_indexed_dataset(tmp_path / "prepared", random_docs(20, 32000, 0), 32000)
+    prepared = f"data.datasets=[{{path: {data}}}]"
 
     op7b = str(ROOT / "configs/op7b.yaml")
     assert tool.main([op7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
@@ -108,7 +113,7 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     # the 7B dry run validates and sizes the model on the meta device
     from ofs_scale.trainer.main import dry_run
 
-    dry_run(load_config(op7b))
+    dry_run(load_config(op7b, [prepared]))
     assert "6,704,607,232" in capsys.readouterr().out
     p = plan(load_config(op7b), gpus=64)
     assert 6.5e9 < p.total_params < 7.0e9
@@ -127,7 +132,7 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys):
     # the Pre-Norm + AdamW baseline validates, sizes and fits on the same 64 GPUs too
     pre7b = str(ROOT / "configs/pre7b.yaml")
     capsys.readouterr()
-    dry_run(load_config(pre7b))
+    dry_run(load_config(pre7b, [prepared]))
     assert "parameters" in capsys.readouterr().out
     assert tool.main([pre7b, "--gpus", "64", "--gpu-mem", "80"]) == tool.FITS
     assert 6.5e9 < plan(load_config(pre7b), gpus=64).total_params < 7.0e9

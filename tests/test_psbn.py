@@ -119,6 +119,7 @@ def test_dp2_tp2_equal_dp1(tiny_corpus, cache_dir, tmp_path):
         "model.norm=psbn",
         "model.activation=relu",
         "metrics.every=2",
+        "metrics.sequences=4",  # positions 0, 2, 4, 6: both DP ranks hold measured sequences
         "optim.lr=0.01",
     ]
     ((ref_records, ref_grads, ref_buffers),) = run_distributed(

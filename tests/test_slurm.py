@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ofs_scale.config import load_config
-from ofs_scale.data import prepare_data
+from ofs_scale.data import prepare_corpus
 from tests.helpers import hook_calls, tiny_overrides
 from tests.slurm_cluster import CLIENT_TIMEOUT_S, JOB_BUDGET_S, SlurmCluster, skip_reason
 
@@ -56,9 +56,9 @@ def _overrides(tiny_corpus: Path, cache_dir: Path, out: Path) -> list[str]:
 
 
 def _prepare(overrides: list[str]) -> None:
-    # Tokenize once here: two jobs building the same cache at the same time would race.
+    # Prepare the corpus once here, so that neither job spends its time on it.
     d = load_config(None, overrides).data
-    prepare_data(d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, 0, False)
+    prepare_corpus(d.corpus, d.vocab_size, d.cache_dir, d.max_files, progress=False)
 
 
 def _sbatch(script: str, log: Path, overrides: list[str], *sbatch_args: str) -> str:

@@ -7,14 +7,21 @@ import json
 import pytest
 import torch
 
-from ofs_scale import checkpoint as ckpt_mod
 from ofs_scale.checkpoint import CheckpointError
+from ofs_scale.checkpoint import manager as ckpt_mod
 from ofs_scale.config import load_config
 from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loop import Trainer, TrainingStopped
-from tests.helpers import Losses, assert_weights_close, crashed_save, tiny_overrides
+from tests.helpers import (
+    Losses,
+    assert_weights_close,
+    crashed_save,
+    random_docs,
+    tiny_overrides,
+    write_indexed_dataset,
+)
 
 
 def _train(rank, overrides, with_ckpt=False):
@@ -54,6 +61,30 @@ def test_resume_is_exact(tiny_corpus, cache_dir, tmp_path):
         torch.tensor(first + second), torch.tensor(straight), rtol=1e-5, atol=0
     )
     assert_weights_close(p_resumed, p_straight, lr=1e-3)
+
+
+def test_blend_of_megatron_datasets_trains_resumes_and_ignores_dp(tmp_path):
+    # datasets written by megatron-core's builder outside our command, plus a manifest
+    a = write_indexed_dataset(tmp_path / "a", random_docs(200, 512, 0), 512)
+    b = write_indexed_dataset(tmp_path / "b", random_docs(60, 512, 1), 512)
+    base = [
+        *tiny_overrides(tmp_path / "unused", tmp_path / "cache", tmp_path / "x"),
+        f"data.datasets=[{{path: {a}, weight: 0.7}}, {{path: {b}, weight: 0.3}}]",
+    ]
+    stages = "train.stages=[{name: a, steps: 2, lr_schedule: constant}, {name: b, steps: 2}]"
+    ((straight, p_straight, _),) = run_distributed(
+        _train, 1, [*base, stages, f"run.out_dir={tmp_path}/straight"]
+    )
+    out = f"run.out_dir={tmp_path}/resumed"
+    half = "train.stages=[{name: a, steps: 2, lr_schedule: constant}]"
+    first, _, step = run_distributed(_train, 2, [*base, half, out], True)[0]
+    ((second, p_resumed, step),) = run_distributed(_train, 1, [*base, stages, out], True)
+    assert step == 4 and len(second) == 2
+    torch.testing.assert_close(
+        torch.tensor(first + second), torch.tensor(straight), rtol=1e-5, atol=0
+    )
+    assert_weights_close(p_resumed, p_straight, lr=1e-3)
+    assert not (tmp_path / "cache").exists()  # data.corpus was not prepared
 
 
 def _killed_save(rank, overrides, tmp):

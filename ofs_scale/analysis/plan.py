@@ -70,9 +70,10 @@ class Plan:
         return self.static_bytes + (self.act_ckpt_bytes if checkpointing else self.act_bytes)
 
 
-def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig) -> int:
-    """fp32 elements of optimizer state for one tensor of `shape` (step counter included)."""
-    return OPTIMIZER_SPECS[cfg.name].state_numel(shape, cfg)
+def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig, name: str = "") -> int:
+    """fp32 elements of optimizer state for one tensor of `shape` (step counter included);
+    `name` matters to optimizers that route tensors by name (Muon's AdamW prefixes)."""
+    return OPTIMIZER_SPECS[cfg.name].state_numel(shape, cfg, name)
 
 
 def sharded_state_numel(
@@ -83,7 +84,7 @@ def sharded_state_numel(
     owners = assign_owners(named, OPTIMIZER_SPECS[cfg.name].cost, cfg, dp)
     per_rank = [0] * dp
     for n, s in shapes:
-        per_rank[owners[n]] += optimizer_state_numel(s, cfg)
+        per_rank[owners[n]] += optimizer_state_numel(s, cfg, n)
     return max(per_rank)
 
 
@@ -140,7 +141,7 @@ def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -
         if shard and dp > 1:
             optim = sharded_state_numel(shapes, cfg.optim, dp)
         else:
-            optim = sum(optimizer_state_numel(sh, cfg.optim) for _, sh in shapes)
+            optim = sum(optimizer_state_numel(sh, cfg.optim, n) for n, sh in shapes)
         head = logits if s == p.pp - 1 else 0
         act = n_flight * layers_per_stage * layer_act + head
         ckpt_input = tokens_micro * cfg.model.d_model * F32

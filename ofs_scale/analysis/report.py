@@ -36,7 +36,11 @@ COLUMNS = [
     ("MMR max", "mmr_max"),
     ("W8A8 ppl", "w8a8_ppl"),
     ("W8A8 increase", "w8a8_increase_pct"),
+    ("E4M3 increase", "fp8_e4m3_increase_pct"),
+    ("W4 increase", "w4_increase_pct"),
 ]
+# extra quant.json rows shown as their perplexity increase (absent in older results: "-")
+EXTRA_ROWS = {"fp8_e4m3_increase_pct": "FP8-E4M3", "w4_increase_pct": "W4"}
 
 
 class ReportError(ValueError):
@@ -77,18 +81,18 @@ def point_row(point: dict[str, Any]) -> dict[str, Any]:
     k = kurtosis_summary(records) or {}
     row.update({key: k.get(key) for key in ("kurtosis_max", "kurtosis_mean", "mmr_max")})
     quant = run_dir / "quant.json"
-    if quant.is_file():
-        w8a8 = json.loads(quant.read_text())["results"]["W8A8"]
-        row["w8a8_ppl"], row["w8a8_increase_pct"] = w8a8["val_ppl"], w8a8["increase_pct"]
-    else:
-        row["w8a8_ppl"] = row["w8a8_increase_pct"] = None
+    results = json.loads(quant.read_text())["results"] if quant.is_file() else {}
+    w8a8 = results.get("W8A8", {})
+    row["w8a8_ppl"], row["w8a8_increase_pct"] = w8a8.get("val_ppl"), w8a8.get("increase_pct")
+    for key, name in EXTRA_ROWS.items():
+        row[key] = results.get(name, {}).get("increase_pct")
     return row
 
 
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "w8a8_increase_pct":
+    if key.endswith("_increase_pct"):
         return f"{value:+.2f}%"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) >= 100 else f"{value:.3f}"

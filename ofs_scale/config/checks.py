@@ -52,6 +52,10 @@ def validate(cfg: Config) -> None:
         f"train.micro_batch={t.micro_batch}",
     )
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    for i, ds in enumerate(cfg.data.datasets):
+        need(bool(ds.path), f"data.datasets.{i}.path is empty; name a prepared dataset directory")
+        need(ds.weight > 0, f"data.datasets.{i}.weight={ds.weight} must be positive")
+    need(p.timeout_min > 0, f"parallel.timeout_min={p.timeout_min} must be positive")
     need(cfg.data.vocab_size <= 1 << 31, "data.vocab_size too large")
     need(
         cfg.data.vocab_size >= 320,
@@ -59,8 +63,34 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.optim.lr > 0, "optim.lr must be positive")
     need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
+    need(0 <= cfg.optim.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)")
+    need(cfg.optim.ns_steps >= 1, f"optim.ns_steps={cfg.optim.ns_steps} must be >= 1")
+    need(cfg.optim.muon_update_rms > 0, "optim.muon_update_rms must be positive")
+    need(
+        cfg.metrics.alarm_kurtosis >= 0 and cfg.metrics.alarm_mmr >= 0,
+        "metrics.alarm_kurtosis and metrics.alarm_mmr must be >= 0 (0: off)",
+    )
+    need(
+        cfg.metrics.every > 0 or not (cfg.metrics.alarm_kurtosis or cfg.metrics.alarm_mmr),
+        "metrics.alarm_kurtosis / alarm_mmr need metrics.every > 0 (the alarm reads the metrics)",
+    )
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    _check_counts(cfg, need)
     need(m.bln_weight >= 0, f"model.bln_weight={m.bln_weight} must be >= 0")
+    need(cfg.metrics.sequences >= 0, f"metrics.sequences={cfg.metrics.sequences} must be >= 0")
+    need(
+        cfg.optim.soap_mode in ("published", "ofs"),
+        f"optim.soap_mode={cfg.optim.soap_mode!r}: use published or ofs",
+    )
+    need(
+        cfg.optim.shampoo_mode in ("ofs", "meta"),
+        f"optim.shampoo_mode={cfg.optim.shampoo_mode!r}: use ofs or meta",
+    )
+    need(cfg.optim.shampoo_epsilon > 0, "optim.shampoo_epsilon must be positive")
+    need(
+        cfg.optim.vocab_precondition in ("one_sided", "full"),
+        f"optim.vocab_precondition={cfg.optim.vocab_precondition!r}: use one_sided or full",
+    )
     c = cfg.metrics.cmd
     need(c.every >= 0, f"metrics.cmd.every={c.every} must be >= 0 (0: off)")
     need(c.num_weights >= 2, f"metrics.cmd.num_weights={c.num_weights} must be at least 2")
@@ -114,4 +144,29 @@ def check_world(cfg: Config, world_size: int) -> int:
             f"train.global_batch={t.global_batch} must be a multiple of "
             f"train.micro_batch*dp={t.micro_batch}*{dp}"
         )
+    n_micro = t.global_batch // (t.micro_batch * dp)
+    if p.pp > 1 and p.schedule != "gpipe" and n_micro < p.pp:
+        raise ConfigError(
+            f"parallel.pp={p.pp} with parallel.schedule={p.schedule} needs at least {p.pp} micro "
+            f"batches per step, this layout gives {n_micro} (train.global_batch / "
+            f"(train.micro_batch * dp={dp})); lower train.micro_batch or raise train.global_batch"
+        )
     return dp
+
+
+def _check_counts(cfg: Config, need) -> None:
+    """Intervals and counts that 0 or a negative value would silently misread."""
+    c, t = cfg.checkpoint, cfg.train
+    need(cfg.model.ffn_mult > 0, f"model.ffn_mult={cfg.model.ffn_mult} must be positive")
+    need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1 (1: every step)")
+    need(c.every >= 0, f"checkpoint.every={c.every} must be >= 0 (0: only at stage ends)")
+    need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: only at stage ends)")
+    need(
+        t.max_bad_steps >= 1,
+        f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (non-finite steps in a row that "
+        "stop the run)",
+    )
+    need(
+        c.resume_from.strip() != "",
+        "checkpoint.resume_from is empty; use last_healthy, latest or a checkpoint directory",
+    )

@@ -32,22 +32,38 @@ class RunConfig:
 
 
 @dataclass
+class DatasetSpec:
+    path: str = ""
+    """Directory of a prepared dataset (`ofs-scale prepare ... --out DIR`: manifest.json and
+    megatron-core .bin/.idx parts)."""
+    weight: float = 1.0
+    """Blend weight: the dataset's share of training samples is weight / sum of weights."""
+
+
+@dataclass
 class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """Prepared datasets to train on, blended by weight, e.g. `[{path: /data/web, weight: 0.7},
+    {path: /data/code, weight: 0.3}]`. Empty: prepare `data.corpus` into `data.cache_dir`."""
     corpus: str = "stdlib"
-    """`stdlib` (the running interpreter's standard-library .py files), a directory, a glob, a
-    .txt file or a .jsonl file (field `text`)."""
+    """Used when `data.datasets` is empty: `stdlib` (the running interpreter's standard-library
+    .py files), a directory, a glob, a .txt file or a .jsonl file (field `text`); prepared once
+    into data.cache_dir."""
     vocab_size: int = 8192
-    """Size of the sentencepiece BPE vocabulary (byte fallback on)."""
+    """Vocabulary of the model; must equal the datasets' (the tokenizer trained for data.corpus
+    gets this size)."""
+    tokenizer: str = ""
+    """Optional sentencepiece .model the run expects: every dataset must have been made by it
+    (same sha256). Empty: the datasets must agree with the first one."""
     seq_len: int = 256
     """Tokens per training sequence."""
     val_fraction: float = 0.02
-    """Fraction of the corpus files held out for validation (chosen by file, deterministically)."""
+    """Fraction of each dataset's windows, at the tail of its token stream, held out for
+    validation."""
     max_files: int = 0
-    """Use only the first N corpus files in sorted order (0: all)."""
+    """data.corpus only: use the first N corpus files in sorted order (0: all)."""
     cache_dir: str = "~/.cache/ofs_scale"
-    """Where tokenizers and token shards are cached by content hash."""
-    shard_tokens: int = 1 << 26
-    """Tokens per memmap shard file."""
+    """Where data.corpus is prepared, keyed by corpus spec, vocabulary, file sizes and mtimes."""
 
 
 # Allowed values of model.block, model.norm and optim.name, in registry order (the order that
@@ -116,6 +132,9 @@ class ParallelConfig:
     """Pipeline schedule."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; `auto` is nccl with CUDA, gloo otherwise."""
+    timeout_min: float = 60.0
+    """Process-group timeout (gloo and nccl) in minutes: how long a collective waits, e.g. for
+    rank 0 preparing data.corpus (60 as in Megatron-LM)."""
 
 
 @dataclass
@@ -174,15 +193,15 @@ class OptimConfig:
     """Optimizer."""
     lr: float | None = None
     """Peak learning rate (default: per optimizer, see OPTIM_DEFAULTS and docs/optimizers.md;
-    adamw 1e-3, soap/shampoo 3e-3)."""
+    adamw and muon 1e-3, soap/shampoo 3e-3)."""
     betas: tuple[float, float] | None = None
-    """Adam betas (beta1, beta2) (default: per optimizer; adamw (0.9, 0.95), soap/shampoo
-    (0.95, 0.95))."""
+    """Adam betas (beta1, beta2) (default: per optimizer; adamw and muon (0.9, 0.95),
+    soap/shampoo (0.95, 0.95)); muon uses them for its AdamW tensors."""
     eps: float | None = None
     """Adam epsilon (default: per optimizer; 1e-8 for all)."""
     weight_decay: float | None = None
     """Decoupled weight decay on matrices, not on gains, biases or beta (default: per optimizer;
-    adamw 0.1, soap/shampoo 0.01)."""
+    adamw and muon 0.1, soap/shampoo 0.01)."""
     precondition_frequency: int = 10
     """SOAP/Shampoo: steps between preconditioner updates."""
     max_precond_dim: int = 10000
@@ -191,6 +210,37 @@ class OptimConfig:
     """SOAP/Shampoo: EMA factor of L and R (default: beta2)."""
     start_preconditioning_step: int = 10
     """Shampoo: plain grafted Adam until this step."""
+    shampoo_mode: str = "ofs"
+    """Shampoo: `ofs` (relative factor regularisation, 1-D tensors by AdamW, roots every
+    precondition_frequency steps counted from start_preconditioning_step) or `meta` (Meta's
+    Distributed Shampoo: bias-corrected factors plus the absolute shampoo_epsilon, 1-D tensors
+    preconditioned with exponent -1/2, roots on steps that are multiples of the frequency)."""
+    shampoo_epsilon: float = 1e-12
+    """Shampoo with shampoo_mode=meta: absolute epsilon added to the factors before the root."""
+    vocab_precondition: str = "one_sided"
+    """SOAP: `one_sided` leaves the vocabulary side of the token embedding and the output head
+    unrotated (their d_model side is still preconditioned), `full` treats them like any matrix
+    (the published behaviour, V x V factors). A factor far wider than the other matrices warns.
+    See docs/optimizers.md."""
+    soap_mode: str = "published"
+    """SOAP: `published` follows the published SOAP code (eps added before bias correction,
+    weight decay after the update, every parameter's first step skipped); `ofs` is this
+    project's earlier variant (eps after bias correction, decay before, 1-D tensors from step 1).
+    See docs/optimizers.md."""
+    muon_momentum: float = 0.95
+    """Muon: momentum mu of the gradient EMA B <- mu B + (1 - mu) G."""
+    muon_nesterov: bool = True
+    """Muon: orthogonalise the Nesterov direction (1 - mu) G + mu B instead of B."""
+    ns_steps: int = 5
+    """Muon: quintic Newton-Schulz iterations."""
+    ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    """Muon: Newton-Schulz coefficients (a, b, c) of X <- a X + (b A + c A^2) X, A = X X^T."""
+    muon_update_rms: float = 0.2
+    """Muon: RMS of the update, by the factor rms * sqrt(max(rows, cols)) (Moonlight); 0.2
+    matches AdamW's typical update RMS so AdamW's lr and weight decay transfer."""
+    muon_adamw: list[str] = field(default_factory=lambda: ["embed", "head"])
+    """Muon: module-name prefixes whose matrices take AdamW instead (default embeddings and
+    unembedding); tensors with fewer than two dims always take AdamW."""
     shard: bool | None = None
     """Shard optimizer state over data-parallel ranks (default: on when DP > 1)."""
 
@@ -225,11 +275,22 @@ class CmdConfig:
 class MetricsConfig:
     every: int = 10
     """Compute outlier-feature metrics every N steps (0: off)."""
+    sequences: int = 16
+    """Sequences of the global batch that metric steps measure: this many, evenly spaced
+    (positions i * global_batch // sequences), so values do not depend on the parallel layout
+    or the micro-batch size; 0 or more than the global batch: every sequence."""
     sites: list[str] = field(default_factory=lambda: ["all"])
     """Sites to measure: `all`, the groups `resid`, `mlp`, `attn`, or names such as `embed`,
     `block_03`, `mlp_03`, `attn_03`, `final`."""
     cmd: CmdConfig = field(default_factory=CmdConfig)
     """Correlation mode decomposition trajectory sampling."""
+    alarm_kurtosis: float = 0.0
+    """OF alarm: warn (console, metrics.jsonl, wandb) the first time the max residual-stream
+    kurtosis of a metric step exceeds this (0: off)."""
+    alarm_mmr: float = 0.0
+    """OF alarm: the same for the max residual-stream max-median ratio (0: off)."""
+    alarm_checkpoint: bool = False
+    """OF alarm: also write checkpoint `alarm_step_NNNNNN` (kept) when an alarm fires."""
 
 
 @dataclass
@@ -240,6 +301,12 @@ class CheckpointConfig:
     """Periodic checkpoints to keep (stage checkpoints are always kept)."""
     dir: str = ""
     """Checkpoint directory (default: <run.out_dir>/checkpoints)."""
+    resume_from: str = "last_healthy"
+    """Which checkpoint a restarted run resumes: `last_healthy` (the newest whose weights were
+    finite and not in a non-finite streak), `latest` (the newest usable), or a checkpoint
+    directory (used once; the run's own later checkpoints take over)."""
+    verify: bool = True
+    """Check every file's recorded crc32 before loading (about 5 GB/s per rank)."""
 
 
 @dataclass

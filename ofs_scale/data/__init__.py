@@ -1,59 +1,82 @@
-"""Corpus -> sentencepiece tokenizer -> memmap token shards -> deterministic DP sampler."""
+"""Prepared indexed datasets (or data.corpus prepared into the cache) -> blend -> DP sampler.
+
+`open_data(cfg.data, rank, seed)` is the one way a run gets its data: it opens the datasets that
+`data.datasets` names, or prepares `data.corpus` on rank 0 into `data.cache_dir` (the other ranks
+wait) and opens that, checks tokenizers and vocabularies, and returns the training and validation
+window streams. Opening memory-maps; it reads no tokens and builds nothing the size of the data.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ofs_scale.data.corpus import Corpus, DataError, read_corpus
+import torch.distributed as dist
+
+from ofs_scale.data.blend import BlendedWindows
+from ofs_scale.data.corpus import DataError
+from ofs_scale.data.indexed import PreparedDataset, check_tokenizers, open_prepared
 from ofs_scale.data.sampler import BatchSampler, collate, eval_micro_batches
-from ofs_scale.data.shards import TokenSplit, build_shards, open_split
-from ofs_scale.data.tokenizer import corpus_hash, load_or_train_tokenizer
+from ofs_scale.data.small import prepare_corpus
+
+if TYPE_CHECKING:
+    from ofs_scale.config.schema import DataConfig
 
 __all__ = [
     "BatchSampler",
-    "Corpus",
+    "BlendedWindows",
     "DataError",
-    "PreparedData",
-    "TokenSplit",
+    "RunData",
+    "check_datasets",
     "collate",
     "eval_micro_batches",
     "open_data",
-    "prepare_data",
-    "read_corpus",
+    "prepare_corpus",
 ]
 
 
 @dataclass
-class PreparedData:
-    """Where the tokenizer and shards of a corpus live."""
+class RunData:
+    """What a run trains and evaluates on."""
 
-    tokenizer_path: Path
-    data_dir: Path
+    train: BlendedWindows
+    val: BlendedWindows
     vocab_size: int
+    datasets: list[PreparedDataset]
 
 
-def prepare_data(
-    corpus_spec: str,
-    vocab_size: int,
-    cache_dir: str | Path,
-    val_fraction: float = 0.02,
-    shard_tokens: int = 1 << 26,
-    max_files: int = 0,
-    show_progress: bool = True,
-) -> PreparedData:
-    """Read the corpus, train or reuse the tokenizer, tokenize into shards (all cached)."""
-    corpus = read_corpus(corpus_spec, max_files)
-    digest = corpus_hash(corpus)
-    sp, tok_path = load_or_train_tokenizer(corpus, vocab_size, Path(cache_dir), digest)
-    data_dir = build_shards(
-        corpus, sp, tok_path, Path(cache_dir), val_fraction, shard_tokens, digest, show_progress
-    )
-    return PreparedData(tok_path, data_dir, sp.get_piece_size())
+def check_datasets(d: DataConfig) -> list[PreparedDataset]:
+    """Open `data.datasets` and check them against the run's tokenizer and vocabulary (named
+    errors for a missing dataset, manifest or part, and for a mismatch). Cheap: the dry run
+    calls it."""
+    datasets = [open_prepared(spec.path) for spec in d.datasets]
+    if datasets:
+        check_tokenizers(datasets, d.vocab_size, d.tokenizer or None)
+    return datasets
 
 
-def open_data(prepared: PreparedData, seq_len: int) -> tuple[TokenSplit, TokenSplit]:
-    """Train and validation windows of `seq_len` tokens."""
-    return open_split(prepared.data_dir, "train", seq_len), open_split(
-        prepared.data_dir, "val", seq_len
+def open_data(d: DataConfig, rank: int, seed: int, progress: bool = True) -> RunData:
+    """The run's data (see the module docstring). Collective when `data.datasets` is empty and a
+    process group exists: every rank must call it."""
+    weights = [spec.weight for spec in d.datasets]
+    if not d.datasets:
+        path: Path | None = None
+        if rank == 0:
+            path = prepare_corpus(d.corpus, d.vocab_size, d.cache_dir, d.max_files, progress)
+        if dist.is_initialized():
+            dist.barrier()
+        if path is None:
+            path = prepare_corpus(d.corpus, d.vocab_size, d.cache_dir, d.max_files, False)
+        datasets = [open_prepared(path)]
+        weights = [1.0]
+        check_tokenizers(datasets, d.vocab_size, d.tokenizer or None)
+    else:
+        datasets = check_datasets(d)
+    args = (datasets, weights, d.seq_len, d.val_fraction)
+    return RunData(
+        train=BlendedWindows(*args, split="train", seed=seed),
+        val=BlendedWindows(*args, split="val", seed=seed),
+        vocab_size=d.vocab_size,
+        datasets=datasets,
     )

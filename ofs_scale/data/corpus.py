@@ -1,36 +1,18 @@
-"""Read a text corpus into named documents: the stdlib default, a directory, a glob, .txt or .jsonl.
-
-Unreadable, empty and non-UTF-8 files are skipped and counted; a corpus with nothing usable stops
-with a message that says what was found.
-"""
+"""What `data.corpus` names: the stdlib default, a directory, a glob or one file, as a sorted file
+list (the small-corpus path keys its cache on it; `ofs_scale.data.prepare` reads the files)."""
 
 from __future__ import annotations
 
 import glob
-import json
 import sysconfig
-from dataclasses import dataclass, field
 from pathlib import Path
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-_TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
+_TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".jsonl"}
 
 
 class DataError(ValueError):
     """A corpus or data file is unusable; the message names it and the fix."""
-
-
-@dataclass
-class Corpus:
-    """Documents as (name, text) pairs in a deterministic order, plus what was skipped."""
-
-    docs: list[tuple[str, str]]
-    skipped: dict[str, int] = field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def num_chars(self) -> int:
-        return sum(len(t) for _, t in self.docs)
 
 
 def stdlib_root() -> Path:
@@ -47,6 +29,13 @@ def _stdlib_files() -> list[Path]:
     )
 
 
+def list_files(spec: str, max_files: int = 0) -> list[Path]:
+    """The files `spec` names ('stdlib', a directory, a file or a glob), sorted; the first
+    `max_files` if set."""
+    files = _list_files(spec)
+    return files[:max_files] if max_files else files
+
+
 def _list_files(spec: str) -> list[Path]:
     if spec == "stdlib":
         return _stdlib_files()
@@ -59,60 +48,6 @@ def _list_files(spec: str) -> list[Path]:
         return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     raise DataError(
         f"data.corpus={spec!r} is neither 'stdlib', a directory, a file nor a glob; "
-        "point it at your text (.txt, .jsonl with a 'text' field, or a folder of files)"
+        "point it at your text (.txt, .jsonl with a 'text' field, or a folder of files), or "
+        "prepare it with `ofs-scale prepare` and name the result in data.datasets"
     )
-
-
-def _read_jsonl(path: Path, skipped: dict[str, int]) -> list[tuple[str, str]]:
-    docs = []
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(
-                    f"{path}:{i}: not a JSON line ({e}); fix or remove that line"
-                ) from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f"{path}:{i}: each JSON line needs a string field 'text'")
-            if rec["text"].strip():
-                docs.append((f"{path.name}:{i}", rec["text"]))
-            else:
-                skipped["empty"] = skipped.get("empty", 0) + 1
-    return docs
-
-
-def read_corpus(spec: str, max_files: int = 0) -> Corpus:
-    """Read every usable document named by `spec` (see module docstring)."""
-    files = _list_files(spec)
-    if max_files:
-        files = files[:max_files]
-    skipped: dict[str, int] = {}
-    docs: list[tuple[str, str]] = []
-    base = stdlib_root() if spec == "stdlib" else None
-    for path in files:
-        if path.suffix == ".jsonl":
-            docs.extend(_read_jsonl(path, skipped))
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            skipped["not utf-8"] = skipped.get("not utf-8", 0) + 1
-            continue
-        except OSError:
-            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
-            continue
-        if not text.strip():
-            skipped["empty"] = skipped.get("empty", 0) + 1
-            continue
-        name = str(path.relative_to(base)) if base else str(path)
-        docs.append((name, text))
-    if not docs:
-        found = f"{len(files)} file(s)" + (f", skipped {skipped}" if skipped else "")
-        raise DataError(
-            f"data.corpus={spec!r} has no usable text ({found}); "
-            "give UTF-8 text files, a .txt, or a .jsonl with a 'text' field"
-        )
-    return Corpus(docs=docs, skipped=skipped, source=spec)

@@ -17,9 +17,7 @@ Checkpoints keep the layout of `ofs_scale/checkpoint.py` (see `DeepSpeedCheckpoi
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,16 +28,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ofs_scale.checkpoint import (
-    LATEST,
-    META,
     CheckpointError,
     CheckpointManager,
-    commit_dir,
     read_meta,
     save_shard_state,
     training_state,
     truncation_problem,
-    write_atomic,
+    write_errors,
 )
 from ofs_scale.config import Config
 from ofs_scale.engine.base import Batch, StepResult, mean_over_dp
@@ -276,29 +271,15 @@ class DeepSpeedCheckpoints:
 
     def save(self, name: str, state: dict[str, Any], step: int, shards: dict[str, Any]) -> Path:
         """Write checkpoint `name` (collective); returns its final path."""
-        final, tmp = self.root / name, self.root / f".tmp-{name}"
-        rank0 = self.mesh.rank == 0
-        if rank0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        self.engine.ds.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        dcp.save(state, checkpoint_id=str(tmp))
-        save_shard_state(tmp, self.mesh, shards)
-        dist.barrier()
-        if rank0:
-            meta = {
-                **self.manager.meta(name, step),
-                "engine": "deepspeed",
-                "zero_stage": self.engine.cfg.train.zero_stage,
-                "dtype": self.engine.cfg.train.dtype,
-            }
-            write_atomic(tmp / META, json.dumps(meta))
-            commit_dir(tmp, final)
-            write_atomic(self.root / LATEST, name + "\n")
-            self.manager.prune()
-        dist.barrier()
-        return final
+        tmp = self.manager.begin(name)
+        with write_errors(name, tmp):
+            self.engine.ds.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+            dcp.save(state, checkpoint_id=str(tmp))
+            save_shard_state(tmp, self.mesh, shards)
+        cfg = self.engine.cfg.train
+        return self.manager.commit(
+            name, state, step, engine="deepspeed", zero_stage=cfg.zero_stage, dtype=cfg.dtype
+        )
 
     def problem(self, path: Path) -> str | None:
         """Why `path` cannot resume this engine, or None (checked on rank 0)."""

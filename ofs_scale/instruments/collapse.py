@@ -3,9 +3,10 @@
 On metric steps (`metrics.every`) `CollapseCallback` adds to the step record:
 
 * `collapse/dead_frac/mlp_XX`: fraction of the hidden units of layer XX's MLP that are never
-  positive over the metric micro batch (the first micro batch of the step on each DP rank, all of
-  them together). The hidden width is split over TP ranks, so the counts are summed over TP; a
-  unit counts as alive if it fires on any DP rank; layers of other pipeline stages are summed in.
+  positive over the measured sequences of the step (`metrics.sequences` of the global batch at
+  fixed positions, as for the OF metrics: the same under any layout). The hidden width is split
+  over TP ranks, so the counts are summed over TP; a unit counts as alive if it fires on any DP
+  rank; layers of other pipeline stages are summed in.
 * `collapse/gamma_small_frac/<norm>`: fraction of a norm's gains with |gamma| < 1e-2, the
   collapse attractor of BN + ReLU (psBN's post-shift keeps ReLU alive there). `<norm>` is the
   module path, e.g. `layers.0.norm2`, `final_norm`. Gains are replicated over TP and DP.
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ofs_scale.instruments.of_metrics import step_rows
 from ofs_scale.model.recompute import recomputing
 from ofs_scale.trainer.callbacks import Callback, TrainerView
 
@@ -53,12 +55,20 @@ class CollapseCallback(Callback):
 
     def __init__(self) -> None:
         self.alive: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, int] = {}
+        self.rows: list[torch.Tensor] = []
         self.handles: list[Any] = []
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if layer not in self.alive and torch.is_grad_enabled() and not recomputing():
-                self.alive[layer] = alive_units(output)
+            if not torch.is_grad_enabled() or recomputing() or output.device.type == "meta":
+                return
+            call = self.calls[layer] = self.calls.get(layer, 0) + 1
+            if call > len(self.rows) or self.rows[call - 1].numel() == 0:
+                return
+            # detached first: indexing a tensor that needs grad would save the index for autograd
+            alive = alive_units(output.detach()[self.rows[call - 1].to(output.device)])
+            self.alive[layer] = alive | self.alive[layer] if layer in self.alive else alive
 
         return hook
 
@@ -66,7 +76,7 @@ class CollapseCallback(Callback):
         every = trainer.cfg.metrics.every
         if not every or step % every:
             return
-        self.alive = {}
+        self.alive, self.calls, self.rows = {}, {}, step_rows(trainer)
         for chunk in trainer.engine.chunks:
             for key, block in chunk.layers.items():
                 self.handles.append(block.mlp.hidden.register_forward_hook(self._hook(int(key))))
@@ -94,13 +104,12 @@ class CollapseCallback(Callback):
             ]
         )
         if m.dp > 1:
-            # A unit is alive if it fires on any DP rank's part of the metric micro batch.
+            # A unit is alive if it fires on any DP rank's part of the measured sequences.
             dist.all_reduce(alive, op=dist.ReduceOp.MAX, group=m.dp_group)
         counts = torch.zeros(2 * num_layers, dtype=torch.float64, device=m.device)
-        for i, part in zip(owned, alive.split(widths)):
-            if i in self.alive:
-                counts[2 * i] = float(part.numel() - int(part.sum()))
-                counts[2 * i + 1] = float(part.numel())
+        for i, part in zip(owned, alive.split(widths)):  # DP-reduced: every DP rank counts
+            counts[2 * i] = float(part.numel() - int(part.sum()))
+            counts[2 * i + 1] = float(part.numel())
         if m.tp > 1:
             dist.all_reduce(counts, group=m.tp_group)
         if m.pp > 1:

@@ -1,9 +1,11 @@
 """The Trainer callback that measures outlier features every `metrics.every` steps.
 
 On a metric step `pre_step` hooks the sites of this rank's model chunks, the step's forward
-passes fill them (first micro batch only), and `post_step` reduces them over the whole mesh and
-adds `of/...`, `sigprop/...` and `attn/...` keys to the step's record, which the JSONL and wandb
-loggers then write. On every other step, and during evaluation, no hook is registered at all.
+passes fill them (only the rows of the `metrics.sequences` measured sequences of the global
+batch, `measured_rows`, so the values do not depend on the layout), and `post_step` reduces
+them over the whole mesh and adds `of/...`, `sigprop/...` and `attn/...` keys to the step's
+record, which the JSONL and wandb loggers then write. On every other step, and during evaluation,
+no hook is registered at all.
 At the end of the run the logging rank prints the per-layer table and writes the plots.
 """
 
@@ -19,7 +21,16 @@ from rich.table import Table
 from ofs_scale.config import ConfigError
 from ofs_scale.console import console
 from ofs_scale.metrics.collect import MLP, RESID, Collector, Site, select_sites
+from ofs_scale.metrics.measured import measured_rows
 from ofs_scale.trainer.callbacks import Callback, TrainerView
+
+
+def step_rows(trainer: TrainerView):
+    """This rank's measured rows per micro batch of a metric step (see `measured_rows`)."""
+    t, m = trainer.cfg.train, trainer.mesh
+    return measured_rows(
+        t.global_batch, t.micro_batch, m.dp, m.dp_rank, trainer.cfg.metrics.sequences
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -68,15 +79,14 @@ class MetricsCallback(Callback):
     def pre_step(self, trainer: TrainerView, step: int) -> None:
         if not self.is_metric_step(trainer, step):
             return
-        self.collector = Collector(self.sites, trainer.mesh)
+        self.collector = Collector(self.sites, trainer.mesh, step_rows(trainer))
         self.collector.attach(trainer.engine.chunks)
 
     def post_step(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
         if self.collector is None:
             return
         try:
-            t = trainer.cfg.train
-            values = self.collector.reduce(t.global_batch // (t.micro_batch * trainer.mesh.dp))
+            values = self.collector.reduce(len(step_rows(trainer)))
         finally:
             self.collector.detach()
             self.collector = None
@@ -112,7 +122,7 @@ class MetricsCallback(Callback):
         """The per-layer metrics of the last metric step (max|x| and rms are in metrics.jsonl)."""
         v = self.last
         table = Table(title=f"outlier features, step {self.last_step}", box=box.SIMPLE_HEAD)
-        for c in ("site", "kurt", "kurt-1 c", "MMR", "cos", "MLP kurt", "MLP MMR", "attn H"):
+        for c in ("site", "kurt", "kurt c1", "MMR", "cos", "MLP kurt", "MLP MMR", "attn H"):
             table.add_column(c, justify="left" if c == "site" else "right", no_wrap=True)
         for site, idx in self._layers():
             keys = ("of/kurtosis", "of/kurtosis_c1", "of/mmr", "sigprop/cos")

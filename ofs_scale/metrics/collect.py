@@ -1,8 +1,10 @@
 """Forward hooks on the model's taps and the exact reductions of their statistics over the mesh.
 
-Per metric step, each site's hook turns the activation of the first micro batch that passes
-through its chunk into small partial sums (per-neuron sums of squares, per-token
-max/median ratios, cosine and entropy sums); nothing large is kept. `Collector.reduce` then:
+Per metric step the measured token set is `measured_rows`: `metrics.sequences` sequences at fixed
+positions of the global batch, whatever the DP / TP / PP / micro-batch layout. Each site's hook
+turns the measured rows of every micro batch that passes through its chunk into small partial
+sums (per-neuron sums of squares, per-token max/median ratios, cosine and entropy sums) and adds
+them up; nothing large is kept. `Collector.reduce` then:
 
 1. sums the partials over the data-parallel group (all DP ranks' tokens count) and takes the max
    of |x| (one all-reduce each);
@@ -32,9 +34,6 @@ from ofs_scale.model.recompute import recomputing
 from ofs_scale.parallel.mesh import Mesh
 
 RESID, MLP, ATTN = "resid", "mlp", "attn"
-# Partials kept per site and step: the first micro batch, or the pass before it when a pipeline
-# stage runs its one-off metadata inference first (see `Collector.reduce`).
-KEPT_CALLS = 2
 FIELDS = (
     "sum_s2",
     "sum_s4",
@@ -43,6 +42,8 @@ FIELDS = (
     "width",
     "mmr_sum",
     "mmr_n",
+    "cmmr_sum",
+    "cmmr_n",
     "cos_sum",
     "cos_n",
     "ent_sum",
@@ -56,6 +57,13 @@ SPLIT_FIELDS = {
     ATTN: {"ent_sum", "ent_n"},
 }
 SITE_NAME = re.compile(r"^(embed|final|(block|mlp|attn)_(\d+))$")
+# Scalar partials of each site kind (besides the per-neuron vectors `sq`, `csq` of width sites).
+WIDTH_SCALARS = ("n", "mmr_sum", "mmr_n", "cmmr_sum", "cmmr_n", "max_abs")
+KIND_SCALARS = {
+    RESID: (*WIDTH_SCALARS, "cos_sum", "cos_n"),
+    MLP: WIDTH_SCALARS,
+    ATTN: ("ent_sum", "ent_n"),
+}
 
 
 @dataclass(frozen=True)
@@ -133,16 +141,23 @@ def distributed_kth(a_NF: torch.Tensor, k: int, group: dist.ProcessGroup) -> tor
 
 
 class Collector:
-    """Hooks for one metric step; `attach`, run the step, `reduce`, `detach`."""
+    """Hooks for one metric step; `attach`, run the step, `reduce`, `detach`.
 
-    def __init__(self, sites: list[Site], mesh: Mesh) -> None:
+    `rows[m]` are the rows (sequences) of the m-th micro batch to measure (`measured_rows`);
+    None measures every row of every forward pass.
+    """
+
+    def __init__(
+        self, sites: list[Site], mesh: Mesh, rows: list[torch.Tensor] | None = None
+    ) -> None:
         self.sites = sites
         self.mesh = mesh
+        self.rows = rows
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.hooked: list[Site] = []
         self.calls: dict[str, int] = {}
         self._last_resid: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self.partials: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self.partials: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -169,23 +184,38 @@ class Collector:
             x = output[0] if isinstance(output, tuple) else output
             if x.device.type == "meta" or recomputing():  # shape inference, or a recompute
                 return
-            calls = self.calls[site.name] = self.calls.get(site.name, 0) + 1
-            if calls > KEPT_CALLS:
-                return
+            call = self.calls.get(site.name, 0)
+            self.calls[site.name] = call + 1
+            rows = None
+            if self.rows is not None:
+                if call >= len(self.rows) or self.rows[call].numel() == 0:
+                    return
+                rows = self.rows[call].to(x.device)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 if site.kind == ATTN:
-                    part = self._partial_attn(output[0], output[1])
+                    q, k = (t if rows is None else t[rows] for t in output[:2])
+                    part = self._partial_attn(q, k)
                 elif site.kind == MLP:
-                    part = self._partial_mlp(output)
+                    part = self._partial_mlp(output if rows is None else output[rows])
                 elif self._last_resid is not None and self._last_resid[0] is output:
                     # `final` sees the very tensor the last block returned: measured already
                     part = dict(self._last_resid[1])
                 else:
-                    part = self._partial_resid(output)
+                    part = self._partial_resid(output if rows is None else output[rows])
                     self._last_resid = (output, part)
-            self.partials.setdefault(site.name, []).append(part)
+            self._add(site.name, part)
 
         return hook
+
+    def _add(self, name: str, part: dict[str, torch.Tensor]) -> None:
+        """Accumulate one micro batch's partials (sums add up, `max_abs` takes the max)."""
+        total = self.partials.get(name)
+        if total is None:
+            self.partials[name] = dict(part)
+            return
+        for key, value in part.items():
+            op = torch.maximum if key == "max_abs" else torch.add
+            total[key] = op(total[key], value)
 
     def _partial_resid(self, x_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.mesh.tp_rank != 0:  # replicated over TP: tp_rank 0 measures it for all
@@ -193,9 +223,10 @@ class Collector:
         B, T, D = x_BTD.shape
         x_NF = x_BTD.detach().reshape(B * T, D).float()
         mean_N = torch.sum(x_NF, dim=-1, dtype=torch.float64) / D
-        max_N, median_N = stats.abs_max_and_median(x_NF)
+        a_2NF = torch.cat([x_NF.abs(), (x_NF - mean_N[:, None].float()).abs()])
+        max_2N, median_2N = a_2NF.amax(dim=-1), stats.lower_median(a_2NF)
         cos_B = stats.cosine_offdiag(x_BTD.detach())
-        part = self._width_partials(x_NF, mean_N, max_N, median_N)
+        part = self._width_partials(x_NF, mean_N, max_2N, median_2N)
         part.update(cos_sum=cos_B.sum(), cos_n=self._scalar(B, x_NF))
         return part
 
@@ -204,15 +235,18 @@ class Collector:
         x_NF = h_BTF.detach().reshape(-1, h_BTF.shape[-1]).float()
         width = x_NF.shape[-1] * m.tp
         sum_N = torch.sum(x_NF, dim=-1, dtype=torch.float64)
-        if m.tp == 1:
-            max_N, median_N = stats.abs_max_and_median(x_NF)
-        else:
+        if m.tp > 1:
             dist.all_reduce(sum_N, group=m.tp_group)
-            a_NF = x_NF.abs()
-            max_N = a_NF.amax(dim=-1)
-            dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=m.tp_group)
-            median_N = distributed_kth(a_NF, stats.lower_median_rank(width), m.tp_group)
-        return self._width_partials(x_NF, sum_N / width, max_N, median_N)
+        mean_N = sum_N / width
+        # raw |x| and width-centred |x - mean| stacked: one selection (or bisection) for both
+        a_2NF = torch.cat([x_NF.abs(), (x_NF - mean_N[:, None].float()).abs()])
+        max_2N = a_2NF.amax(dim=-1)
+        if m.tp == 1:
+            median_2N = stats.lower_median(a_2NF)
+        else:
+            dist.all_reduce(max_2N, op=dist.ReduceOp.MAX, group=m.tp_group)
+            median_2N = distributed_kth(a_2NF, stats.lower_median_rank(width), m.tp_group)
+        return self._width_partials(x_NF, mean_N, max_2N, median_2N)
 
     def _partial_attn(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor) -> dict[str, torch.Tensor]:
         ent_sum, ent_n = stats.attention_entropy(q_BHTK.detach(), k_BHTK.detach())
@@ -222,18 +256,24 @@ class Collector:
         self,
         x_NF: torch.Tensor,
         mean_N: torch.Tensor,
-        max_N: torch.Tensor,
-        median_N: torch.Tensor,
+        max_2N: torch.Tensor,
+        median_2N: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """Partials of a width site; `max_2N`, `median_2N` hold the raw |x| rows, then the
+        width-centred ones."""
+        N = x_NF.shape[0]
         sq_F, csq_F = stats.neuron_sums(x_NF, mean_N)
-        mmr_sum, mmr_n = stats.mmr_terms(max_N, median_N)
+        mmr_sum, mmr_n = stats.mmr_terms(max_2N[:N], median_2N[:N])
+        cmmr_sum, cmmr_n = stats.mmr_terms(max_2N[N:], median_2N[N:])
         return {
             "sq": sq_F,
             "csq": csq_F,
-            "n": self._scalar(x_NF.shape[0], x_NF),
+            "n": self._scalar(N, x_NF),
             "mmr_sum": mmr_sum,
             "mmr_n": mmr_n,
-            "max_abs": max_N.max().double(),
+            "cmmr_sum": cmmr_sum,
+            "cmmr_n": cmmr_n,
+            "max_abs": max_2N[:N].max().double(),
         }
 
     @staticmethod
@@ -243,22 +283,17 @@ class Collector:
     # -- reductions ------------------------------------------------------------------------
 
     def reduce(self, num_micro: int = 1) -> dict[str, float]:
-        """Reduce the partials of the first of this rank's `num_micro` micro batches over DP, TP
-        and PP; every rank returns the same dict."""
+        """Reduce the partials of this rank's `num_micro` micro batches over DP, TP and PP;
+        every rank returns the same dict."""
         m = self.mesh
-        partials = []
         for site in self.hooked:
-            # A pipeline stage may run one extra, metadata-inference forward (on placeholder
-            # inputs) before the micro batches: the first micro batch is call `calls - num_micro`.
             calls = self.calls.get(site.name, 0)
-            first = calls - num_micro
-            if not 0 <= first < len(self.partials.get(site.name, [])):
+            if self.rows is not None and calls != num_micro:
                 raise RuntimeError(
                     f"site {site.name} saw {calls} forward passes for {num_micro} micro batches; "
-                    "metrics expect one per micro batch (plus at most one shape-inference pass)"
+                    "metrics expect exactly one per micro batch"
                 )
-            partials.append(self.partials[site.name][first])
-        self._reduce_dp(partials)
+        partials = self._reduce_dp()
         sums_SF = torch.zeros(len(self.sites), len(FIELDS), dtype=torch.float64, device=m.device)
         max_S = torch.zeros(len(self.sites), dtype=torch.float64, device=m.device)
         row = {s.name: i for i, s in enumerate(self.sites)}
@@ -275,10 +310,33 @@ class Collector:
                 dist.all_reduce(max_S, op=dist.ReduceOp.MAX, group=group)
         return self._finish(sums_SF.cpu(), max_S.cpu())
 
-    def _reduce_dp(self, partials: list[dict[str, torch.Tensor]]) -> None:
+    def _zeros(self, site: Site, width: int) -> dict[str, torch.Tensor]:
+        """Partials of a site that measured no row on this rank (the sums' neutral elements)."""
+        dev = self.mesh.device
+        out = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in KIND_SCALARS[site.kind]}
+        if site.kind != ATTN:
+            out["sq"] = torch.zeros(width, dtype=torch.float64, device=dev)
+            out["csq"] = torch.zeros(width, dtype=torch.float64, device=dev)
+        return out
+
+    def _reduce_dp(self) -> list[dict[str, torch.Tensor]]:
+        """Each hooked site's partials summed (max for `max_abs`) over the DP group. A DP rank
+        may hold none of the measured sequences: it contributes zeros of the same layout."""
         m = self.mesh
+        partials = [self.partials.get(s.name, {}) for s in self.hooked]
         if m.dp == 1:
-            return
+            return partials
+        # width per site (1 for attention, 0 where nothing is measured, e.g. resid at tp_rank>0)
+        size_S = torch.tensor(
+            [p["sq"].numel() if "sq" in p else int(bool(p)) for p in partials],
+            dtype=torch.int64,
+            device=m.device,
+        )
+        dist.all_reduce(size_S, op=dist.ReduceOp.MAX, group=m.dp_group)
+        partials = [
+            self._zeros(site, int(size)) if size and not part else part
+            for site, part, size in zip(self.hooked, partials, size_S.tolist(), strict=True)
+        ]
         keys = [(i, k) for i, p in enumerate(partials) for k in sorted(p) if k != "max_abs"]
         if keys:
             flat = torch.cat([partials[i][k].reshape(-1) for i, k in keys])
@@ -291,11 +349,12 @@ class Collector:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=m.dp_group)
             for i, v in zip(maxes, flat, strict=True):
                 partials[i]["max_abs"] = v
+        return partials
 
     @staticmethod
     def _site_fields(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
         """The FIELDS of one site from its DP-reduced partials (present fields only)."""
-        scalars = ("mmr_sum", "mmr_n", "cos_sum", "cos_n", "ent_sum", "ent_n")
+        scalars = ("mmr_sum", "mmr_n", "cmmr_sum", "cmmr_n", "cos_sum", "cos_n", "ent_sum", "ent_n")
         out: dict[str, torch.Tensor | float] = {k: part[k] for k in scalars if k in part}
         if "sq" in part:
             out["sum_s2"], out["sum_s4"] = stats.neuron_moments(part["sq"], part["n"])

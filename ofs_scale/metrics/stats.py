@@ -51,6 +51,14 @@ def kurtosis_from_moments(sum_s2: float, sum_s4: float, width: float) -> float:
     return width * sum_s4 / (sum_s2 * sum_s2)
 
 
+def kurtosis_c1_from_moments(sum_cs2: float, sum_cs4: float, width: float) -> float:
+    """The reference code's value from the centred moments: D/(D-1) * (Kurt_c - 1), the
+    unbiased variance over neurons of the mean squares normalised to mean 1."""
+    if width <= 1:
+        return math.nan
+    return width / (width - 1) * (kurtosis_from_moments(sum_cs2, sum_cs4, width) - 1.0)
+
+
 def mmr_terms(max_N: torch.Tensor, median_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over tokens of max/median, number of tokens counted).
 
@@ -130,26 +138,33 @@ def kurtosis(x_ND: torch.Tensor) -> float:
 
 
 def kurtosis_c1(x_ND: torch.Tensor) -> float:
-    """The study's reference form: centre each token across the width, divide by the global
-    RMS, take the population variance of the per-neuron second moments (= Kurt - 1 of the
-    centred activations)."""
+    """What the study's reference code logs: centre each token across the width, divide by the
+    global RMS, take the unbiased (D-1) variance over neurons of the per-neuron mean squares
+    (torch's default `var`). Equals D/(D-1) * (Kurt - 1) of the width-centred activations."""
     c_ND = x_ND.double() - x_ND.double().mean(-1, keepdim=True)
     c_ND = c_ND / c_ND.pow(2).mean().sqrt()
-    return float(c_ND.pow(2).mean(0).var(unbiased=False))
+    return float(c_ND.pow(2).mean(0).var())
 
 
 def mmr(x_ND: torch.Tensor) -> float:
-    """Max-median ratio of |x| per token, averaged over the tokens with a non-zero median."""
+    """Max-median ratio of |x| per token (the paper's formula), averaged over the tokens with a
+    non-zero median."""
     max_N, median_N = abs_max_and_median(x_ND)
     total, count = mmr_terms(max_N, median_N)
     return float(total / count) if count else math.nan
 
 
+def mmr_centred(x_ND: torch.Tensor) -> float:
+    """The reference code's MMR: the same ratio of |x - mean_j x| (each token centred across the
+    width first)."""
+    return mmr(x_ND.double() - x_ND.double().mean(-1, keepdim=True))
+
+
 def finish_site(sums: dict[str, float], max_abs: float, kind: str) -> dict[str, float]:
     """Metric values of one site from its globally reduced sums (keys without the site name).
 
-    `sums` holds sum_s2, sum_s4, sum_cs2, sum_cs4, width, mmr_sum, mmr_n, cos_sum, cos_n,
-    ent_sum, ent_n; `kind` is "resid", "mlp" or "attn".
+    `sums` holds sum_s2, sum_s4, sum_cs2, sum_cs4, width, mmr_sum, mmr_n, cmmr_sum, cmmr_n,
+    cos_sum, cos_n, ent_sum, ent_n; `kind` is "resid", "mlp" or "attn".
     """
     if kind == "attn":
         n = sums["ent_n"]
@@ -157,8 +172,9 @@ def finish_site(sums: dict[str, float], max_abs: float, kind: str) -> dict[str, 
     width = sums["width"]
     out = {
         "of/kurtosis": kurtosis_from_moments(sums["sum_s2"], sums["sum_s4"], width),
-        "of/kurtosis_c1": kurtosis_from_moments(sums["sum_cs2"], sums["sum_cs4"], width) - 1.0,
+        "of/kurtosis_c1": kurtosis_c1_from_moments(sums["sum_cs2"], sums["sum_cs4"], width),
         "of/mmr": sums["mmr_sum"] / sums["mmr_n"] if sums["mmr_n"] else math.nan,
+        "of/mmr_centred": sums["cmmr_sum"] / sums["cmmr_n"] if sums["cmmr_n"] else math.nan,
         "of/max_abs": max_abs,
         "of/rms": math.sqrt(sums["sum_s2"] / width) if width else math.nan,
     }

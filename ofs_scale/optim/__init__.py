@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ofs_scale.optim.adamw import NamedAdamW
+from ofs_scale.optim.muon import Muon
 from ofs_scale.optim.registry import OPTIMIZER_SPECS, OPTIMIZERS
 from ofs_scale.optim.schedule import lr_at, stage_at
 from ofs_scale.optim.settings import OptimSettings
@@ -20,6 +21,7 @@ __all__ = [
     "OPTIMIZERS",
     "OPTIMIZER_SPECS",
     "SOAP",
+    "Muon",
     "NamedAdamW",
     "Shampoo",
     "ShardedOptimizer",
@@ -34,8 +36,9 @@ def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: OptimSettings, m
     the data-parallel group when `cfg.shard` is true (default: when DP > 1)."""
     if cfg.name not in OPTIMIZER_SPECS:
         raise ValueError(f"optim.name={cfg.name!r} is unknown; use one of {sorted(OPTIMIZERS)}")
-    cls = OPTIMIZER_SPECS[cfg.name].cls
+    spec = OPTIMIZER_SPECS[cfg.name]
+    extra = {"tp_group": mesh.tp_group} if spec.tp_group and mesh.tp > 1 else {}
     shard = mesh.dp > 1 if cfg.shard is None else cfg.shard
     if shard and mesh.dp > 1:
-        return ShardedOptimizer(named, cfg, mesh, cls)
-    return cls(named, cfg)
+        return ShardedOptimizer(named, cfg, mesh, spec.cls, extra)
+    return spec.cls(named, cfg, **extra)

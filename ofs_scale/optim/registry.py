@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ofs_scale.optim.adamw import NamedAdamW
+from ofs_scale.optim.muon import Muon
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.shampoo import Shampoo
 from ofs_scale.optim.soap import SOAP
@@ -39,9 +40,19 @@ class OptimizerSpec:
     optim.name: a resume with other values stops instead of loading the wrong state."""
     deepspeed: bool = False
     """DeepSpeed ZeRO may run it (elementwise state survives flat partitions)."""
+    tp_group: bool = False
+    """Built as `cls(named, cfg, tp_group=...)` under TP > 1: its update of a TP-split matrix
+    communicates over the TP group (Muon orthogonalises whole matrices)."""
 
-    def state_numel(self, shape: tuple[int, ...], cfg: OptimSettings) -> int:
-        """fp32 state elements (step counter included) of one tensor of `shape`."""
+    by_name: bool = False
+    """Routes tensors by name (Muon: embeddings and head to AdamW): `cls.state_numel` takes
+    the parameter name as a third argument."""
+
+    def state_numel(self, shape: tuple[int, ...], cfg: OptimSettings, name: str = "") -> int:
+        """fp32 state elements (step counter included) of one tensor of `shape` (named `name`,
+        for optimizers whose state depends on it)."""
+        if self.by_name:
+            return self.cls.state_numel(shape, cfg, name)
         return self.cls.state_numel(shape, cfg)
 
     def cost(self, shape: tuple[int, ...], cfg: OptimSettings) -> float:
@@ -66,8 +77,24 @@ OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {
         {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
         deepspeed=True,
     ),
-    "soap": OptimizerSpec(SOAP, "SOAP", SOAP_DEFAULTS, fingerprint=PER_TP_SHARD),
+    # by_name: the vocabulary matrices' state depends on optim.vocab_precondition
+    "soap": OptimizerSpec(
+        SOAP,
+        "SOAP",
+        SOAP_DEFAULTS,
+        fingerprint=(*PER_TP_SHARD, "optim.vocab_precondition"),
+        by_name=True,
+    ),
     "shampoo": OptimizerSpec(Shampoo, "Shampoo", SOAP_DEFAULTS, fingerprint=PER_TP_SHARD),
+    # Moonlight's update-RMS matching makes AdamW's lr and weight decay transfer: AdamW's defaults.
+    "muon": OptimizerSpec(
+        Muon,
+        "Muon",
+        {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+        fingerprint=("optim.muon_adamw",),
+        tp_group=True,
+        by_name=True,
+    ),
 }
 
 OPTIMIZERS: dict[str, type] = {name: spec.cls for name, spec in OPTIMIZER_SPECS.items()}

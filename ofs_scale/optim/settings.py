@@ -22,4 +22,14 @@ class OptimSettings(Protocol):
     max_precond_dim: int
     shampoo_beta: float | None
     start_preconditioning_step: int
+    soap_mode: str
+    vocab_precondition: str
+    shampoo_mode: str
+    shampoo_epsilon: float
+    muon_momentum: float
+    muon_nesterov: bool
+    ns_steps: int
+    ns_coeffs: tuple[float, float, float]
+    muon_update_rms: float
+    muon_adamw: list[str]
     shard: bool | None

@@ -7,6 +7,7 @@ Legend: G_MN gradient of an M x N weight; m_MN, v_MN Adam moments; per block (i,
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.soap import (
@@ -31,8 +32,15 @@ def block_slices(m: int, n: int, size: int) -> list[tuple[int, int, slice, slice
     return [(i, j, r, c) for i, r in enumerate(rows) for j, c in enumerate(cols)]
 
 
-def inverse_fourth_root(f: torch.Tensor, what: str) -> torch.Tensor | None:
-    """(F + eps * lambda_max(F) I)^(-1/4) of a symmetric PSD factor, or None if eigh fails."""
+# optim.shampoo_mode: this project's variant, or Meta's Distributed Shampoo's semantics.
+SHAMPOO_MODES = ("ofs", "meta")
+
+
+def inverse_fourth_root(
+    f: torch.Tensor, what: str, abs_eps: float | None = None, exponent: float = 0.25
+) -> torch.Tensor | None:
+    """(F + eps I)^(-exponent) of a symmetric PSD factor, or None if eigh fails. eps is
+    MATRIX_EPS * lambda_max(F) by default, or the absolute `abs_eps` (Meta's epsilon)."""
     # fp64: with eps 1e-6 the root spans a 1e6 eigenvalue range, where fp32 eigh loses the
     # small eigenvalues (Anil et al. compute these roots in fp64 for the same reason).
     found = safe_eigh(f, what, dtypes=(torch.float64,))
@@ -40,8 +48,20 @@ def inverse_fourth_root(f: torch.Tensor, what: str) -> torch.Tensor | None:
         return None
     evals, evecs = found
     evals = evals.clamp_min(0.0)
-    reg = (MATRIX_EPS * evals.max()).clamp_min(MATRIX_EPS_FLOOR)
-    return (evecs * (evals + reg).pow(-0.25)) @ evecs.T
+    if abs_eps is None:
+        reg = (MATRIX_EPS * evals.max()).clamp_min(MATRIX_EPS_FLOOR)
+    else:
+        reg = torch.tensor(abs_eps)
+    return (evecs * (evals + reg).pow(-exponent)) @ evecs.T
+
+
+def _vector_factor(shape: tuple[int, ...], cfg: OptimSettings) -> bool:
+    """Whether a 1-D tensor gets a factor: meta mode, at most max_precond_dim entries."""
+    return (
+        getattr(cfg, "shampoo_mode", "ofs") == "meta"
+        and len(shape) == 1
+        and shape[0] <= cfg.max_precond_dim
+    )
 
 
 class Shampoo(MatrixOptimizer):
@@ -53,7 +73,34 @@ class Shampoo(MatrixOptimizer):
     `precondition_frequency` steps by eigh (regularised by MATRIX_EPS times the largest
     eigenvalue), and each block moves along L^{-1/4} m R^{-1/4} rescaled to the Frobenius norm of
     the block's Adam update (Adam grafting). Before that step the update is plain AdamW.
+
+    `optim.shampoo_mode="meta"` follows Meta's Distributed Shampoo instead: the factors are
+    bias-corrected (divided by 1 - sb^t) and regularised by the absolute `optim.shampoo_epsilon`
+    (F / (1 - sb^t) + eps I); roots are recomputed on steps t with t % precondition_frequency
+    == 0 (and at t = start_preconditioning_step), Shampoo runs from that step on; 1-D
+    parameters of at most `max_precond_dim` entries are preconditioned too, by their one D x D
+    factor with exponent -1/2 (grafted to Adam's norm likewise).
     """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], cfg: OptimSettings) -> None:
+        super().__init__(named, cfg)
+        mode = getattr(cfg, "shampoo_mode", "ofs")
+        if mode not in SHAMPOO_MODES:
+            raise ValueError(f"optim.shampoo_mode={mode!r}: use one of {', '.join(SHAMPOO_MODES)}")
+        self.meta = mode == "meta"
+
+    def factor_sides(self, name: str, m: int, n: int) -> list[int]:
+        """The longest row and column block of the m x n matrix (blocks bound the factors)."""
+        size = self.cfg.max_precond_dim
+        return [min(m, size), min(n, size)]
+
+    @classmethod
+    def state_numel(cls, shape: tuple[int, ...], cfg: OptimSettings) -> int:
+        """As `MatrixOptimizer.state_numel`, plus a vector's factor and root in the meta mode."""
+        numel = super().state_numel(shape, cfg)
+        if len(shape) < 2 and _vector_factor(shape, cfg):
+            numel += 2 * shape[0] * shape[0]
+        return numel
 
     @staticmethod
     def _matrix_cost(m: int, n: int, cfg: OptimSettings) -> float:
@@ -84,11 +131,24 @@ class Shampoo(MatrixOptimizer):
             st[f"PL_{i}_{j}"] = torch.zeros(bm, bm, device=dev)
             st[f"PR_{i}_{j}"] = torch.zeros(bn, bn, device=dev)
 
-    def _refresh_roots(self, p: torch.Tensor, st: StateDict) -> None:
-        for i, j, _, _ in block_slices(*matrix_shape(p), self.cfg.max_precond_dim):
-            for side in ("L", "R"):
+    def _init_state(self, p: torch.Tensor, st: StateDict) -> None:
+        super()._init_state(p, st)
+        if p.ndim < 2 and _vector_factor(tuple(p.shape), self.cfg):
+            st["L_0_0"] = torch.zeros(p.numel(), p.numel(), device=p.device)
+            st["PL_0_0"] = torch.zeros(p.numel(), p.numel(), device=p.device)
+
+    def _refresh_roots(self, p: torch.Tensor, st: StateDict, t: int) -> None:
+        eps = self.cfg.shampoo_epsilon if self.meta else None
+        bc = 1.0 - self.shampoo_beta**t if self.meta and self.shampoo_beta < 1 else 1.0
+        exponent = 0.5 if p.ndim < 2 else 0.25
+        blocks = (
+            [(0, 0)] if p.ndim < 2 else block_slices(*matrix_shape(p), self.cfg.max_precond_dim)
+        )
+        for i, j, *_ in blocks:
+            for side in ("L",) if p.ndim < 2 else ("L", "R"):
                 f, root = st[f"{side}_{i}_{j}"], st[f"P{side}_{i}_{j}"]
-                new = inverse_fourth_root(f, f"Shampoo factor {side}_{i}_{j} of {self.names[p]}")
+                what = f"Shampoo factor {side}_{i}_{j} of {self.names[p]}"
+                new = inverse_fourth_root(f / bc, what, eps, exponent)
                 if new is not None:
                     root.copy_(new)
                     continue
@@ -96,6 +156,35 @@ class Shampoo(MatrixOptimizer):
                     f.zero_()
                 if not bool(root.any()):  # never computed: fall back to no rotation
                     root.copy_(torch.eye(root.shape[0], device=root.device))
+
+    def _preconditioning(self, t: int) -> tuple[bool, bool]:
+        """(use the Shampoo direction at step t, recompute the roots first)."""
+        start, freq = self.cfg.start_preconditioning_step, self.cfg.precondition_frequency
+        if t < start:
+            return False, False
+        if self.meta:
+            return True, t % freq == 0 or t == start
+        return True, (t - start) % freq == 0
+
+    def _adamw_step(self, p: torch.Tensor, g: torch.Tensor, st: StateDict, group) -> None:
+        if "L_0_0" not in st:
+            return MatrixOptimizer._adamw_step(p, g, st, group)
+        # meta mode: a vector is preconditioned by its one factor, exponent -1/2, grafted
+        st["step"] += 1
+        t = int(st["step"])
+        beta1, beta2 = group["betas"]
+        st["exp_avg"].lerp_(g, 1.0 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        adam = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"])
+        sb = self.shampoo_beta
+        st["L_0_0"].mul_(sb).add_(torch.outer(g, g), alpha=1.0 - sb)
+        use, refresh = self._preconditioning(t)
+        if refresh:
+            self._refresh_roots(p, st, t)
+        if use:
+            d = st["PL_0_0"] @ st["exp_avg"]
+            adam = d * (adam.norm() / d.norm().clamp_min(MATRIX_EPS_FLOOR))
+        apply_update_(p, adam, group["lr"], group["weight_decay"])
 
     def _matrix_step(self, p: torch.Tensor, g_MN: torch.Tensor, st: StateDict, group) -> None:
         st["step"] += 1
@@ -111,12 +200,12 @@ class Shampoo(MatrixOptimizer):
             g_BC = g_MN[r, c]
             st[f"L_{i}_{j}"].mul_(sb).add_(g_BC @ g_BC.T, alpha=1.0 - sb)
             st[f"R_{i}_{j}"].mul_(sb).add_(g_BC.T @ g_BC, alpha=1.0 - sb)
-        start = self.cfg.start_preconditioning_step
-        if t < start:
+        use, refresh = self._preconditioning(t)
+        if not use:
             apply_update_(p, adam_MN, group["lr"], group["weight_decay"])
             return
-        if (t - start) % self.cfg.precondition_frequency == 0:
-            self._refresh_roots(p, st)
+        if refresh:
+            self._refresh_roots(p, st, t)
         update_MN = torch.empty_like(adam_MN)
         for i, j, r, c in blocks:
             d_BC = st[f"PL_{i}_{j}"] @ m_MN[r, c] @ st[f"PR_{i}_{j}"]

@@ -64,7 +64,9 @@ class ShardedOptimizer:
     everything is owned and no collective runs: it is then exactly the inner optimizer.
 
     `inner_cls` is a registered optimizer class (optim/registry.py): built as
-    `inner_cls(named, cfg)`, with `inner_cls.cost(shape, cfg)` the load ownership balances.
+    `inner_cls(named, cfg, **inner_kwargs)`, with `inner_cls.cost(shape, cfg)` the load ownership
+    balances. Ownership depends on names and shapes only, so the TP ranks of one DP rank own the
+    same parameters, and an inner optimizer that gathers over TP (Muon) meets its peers.
     """
 
     def __init__(
@@ -73,12 +75,13 @@ class ShardedOptimizer:
         cfg: OptimSettings,
         mesh: Mesh,
         inner_cls: type,
+        inner_kwargs: dict | None = None,
     ) -> None:
         self.mesh = mesh
         self.params = [p for _, p in named]
         self.owner = assign_owners(named, inner_cls.cost, cfg, mesh.dp)
         owned = [(n, p) for n, p in named if self.owner[n] == mesh.dp_rank]
-        self.inner = inner_cls(owned, cfg)
+        self.inner = inner_cls(owned, cfg, **(inner_kwargs or {}))
         self.by_owner = [[p for n, p in named if self.owner[n] == r] for r in range(mesh.dp)]
         self.src = [
             dist.get_global_rank(mesh.dp_group, r) if mesh.dp > 1 else mesh.rank

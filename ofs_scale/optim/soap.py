@@ -24,6 +24,21 @@ log = logging.getLogger("ofs_scale.optim")
 StateDict = dict[str, torch.Tensor]
 
 EIGH_SHIFT = 1e-30
+# optim.soap_mode: the published SOAP code's semantics, or this project's earlier variant.
+SOAP_MODES = ("published", "ofs")
+# The vocabulary matrices (token embedding, output head; rows = vocabulary) and the policies of
+# optim.vocab_precondition: SOAP leaves their vocabulary side unrotated, or treats them as any.
+VOCAB_PARAMS = ("embed.tok.", "head.")
+VOCAB_POLICIES = ("one_sided", "full")
+# A factor side this many times longer than every non-vocabulary matrix's longest side makes
+# the step far slower than the model (eigh and refresh are cubic in it): warn.
+FACTOR_WARN_RATIO = 4
+
+
+def skips_vocab_side(name: str, cfg: OptimSettings) -> bool:
+    """Whether `name` is a vocabulary matrix whose vocabulary side (rows) gets no factor."""
+    policy = getattr(cfg, "vocab_precondition", "one_sided")
+    return policy == "one_sided" and name.startswith(VOCAB_PARAMS)
 
 
 def safe_eigh(
@@ -59,20 +74,39 @@ def safe_eigh(
 
 
 def adam_direction(
-    m: torch.Tensor, v: torch.Tensor, t: int, betas: tuple[float, float], eps: float
+    m: torch.Tensor,
+    v: torch.Tensor,
+    t: int,
+    betas: tuple[float, float],
+    eps: float,
+    eps_before_correction: bool = False,
 ) -> torch.Tensor:
-    """Bias-corrected Adam direction m_hat / (sqrt(v_hat) + eps) after `t` moment updates."""
+    """Bias-corrected Adam direction after `t` moment updates: m_hat / (sqrt(v_hat) + eps), or
+    with `eps_before_correction` (the published SOAP code, torch.optim.Adam's own order)
+    m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t), an effective epsilon of
+    eps / sqrt(1 - beta2^t) on sqrt(v_hat)."""
     beta1, beta2 = betas
     bc1 = 1.0 - beta1**t
     bc2_sqrt = math.sqrt(1.0 - beta2**t)
+    if eps_before_correction:
+        return (m / (v.sqrt() + eps)).mul_(bc2_sqrt / bc1)
     return (m / bc1) / (v.sqrt() / bc2_sqrt + eps)
 
 
-def apply_update_(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """Decoupled weight decay, then p -= lr * update (update may be the 2-D view of p)."""
-    if weight_decay:
+def apply_update_(
+    p: torch.Tensor,
+    update: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    decay_after: bool = False,
+) -> None:
+    """Decoupled weight decay p *= 1 - lr * wd, before (default, AdamW's order) or after
+    (`decay_after`, the published SOAP code) p -= lr * update (update may be the 2-D view)."""
+    if weight_decay and not decay_after:
         p.mul_(1.0 - lr * weight_decay)
     p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr)
+    if weight_decay and decay_after:
+        p.mul_(1.0 - lr * weight_decay)
 
 
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
@@ -100,6 +134,35 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.cfg = cfg
         self.names = {p: n for n, p in named}
         self.shampoo_beta = cfg.betas[1] if cfg.shampoo_beta is None else cfg.shampoo_beta
+        self._warn_large_factors(named)
+
+    def factor_sides(self, name: str, m: int, n: int) -> list[int]:
+        """Side lengths of the factors (or factor blocks) of the m x n matrix `name`."""
+        raise NotImplementedError
+
+    def _warn_large_factors(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Warn when a factor is far wider than the model's other matrices (see
+        FACTOR_WARN_RATIO): its eigendecompositions would dominate the step."""
+        mats = [(n, matrix_shape(p)) for n, p in named if p.ndim >= 2]
+        widest = max((max(s) for n, s in mats if not n.startswith(VOCAB_PARAMS)), default=0)
+        if not widest:
+            return
+        for name, (m, n) in mats:
+            side = max(self.factor_sides(name, m, n), default=0)
+            if side > FACTOR_WARN_RATIO * widest:
+                log.warning(
+                    "%s: a %d x %d preconditioner factor for a %d x %d matrix, %dx the widest "
+                    "other matrix side (%d): its eigendecompositions will dominate the step "
+                    "time and memory. Set optim.vocab_precondition=one_sided (SOAP) or lower "
+                    "optim.max_precond_dim",
+                    name,
+                    side,
+                    side,
+                    m,
+                    n,
+                    side // widest,
+                    widest,
+                )
 
     @classmethod
     def cost(cls, shape: tuple[int, ...], cfg: OptimSettings) -> float:
@@ -187,11 +250,41 @@ class SOAP(MatrixOptimizer):
     Per 2-D weight: factors L = sb*L + (1-sb) G G^T and R = sb*R + (1-sb) G^T G (a side longer
     than `max_precond_dim` gets none and stays unrotated). The first step only builds L, R and
     their eigenbases. Afterwards each step rotates G' = QL^T G QR, updates Adam moments there,
-    applies p -= lr * QL (m_hat / (sqrt(v_hat) + eps)) QR^T after decoupled weight decay, and then
-    folds G into L and R. Every `precondition_frequency` Adam steps the bases are refreshed by one
-    power iteration plus QR, after sorting by the estimated eigenvalues diag(Q^T L Q) (v is
-    permuted alongside, m is re-expressed in the new basis).
+    applies p -= lr * QL D QR^T with D the Adam direction, decays the weight, and then folds G
+    into L and R. Every `precondition_frequency` Adam steps the bases are refreshed by one power
+    iteration plus QR, after sorting by the estimated eigenvalues diag(Q^T L Q) (v is permuted
+    alongside, m is re-expressed in the new basis).
+
+    `optim.soap_mode="published"` (default) follows the published code (Vyas et al.): eps added
+    before the bias correction, weight decay after the update, every tensor's first step
+    skipped. "ofs", this project's earlier variant: eps after bias correction, decay before the
+    update, 1-D tensors by AdamW from the first step (docs/optimizers.md).
     """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], cfg: OptimSettings) -> None:
+        super().__init__(named, cfg)
+        mode = getattr(cfg, "soap_mode", "published")
+        if mode not in SOAP_MODES:
+            raise ValueError(f"optim.soap_mode={mode!r}: use one of {', '.join(SOAP_MODES)}")
+        self.published = mode == "published"
+        policy = getattr(cfg, "vocab_precondition", "one_sided")
+        if policy not in VOCAB_POLICIES:
+            raise ValueError(
+                f"optim.vocab_precondition={policy!r}: use one of {', '.join(VOCAB_POLICIES)}"
+            )
+
+    def _adamw_step(self, p: torch.Tensor, g: torch.Tensor, st: StateDict, group) -> None:
+        if not self.published:
+            return MatrixOptimizer._adamw_step(p, g, st, group)
+        t = int(st["step"])  # the published code skips the first step of every parameter
+        st["step"] += 1
+        if t == 0:
+            return
+        beta1, beta2 = group["betas"]
+        st["exp_avg"].lerp_(g, 1.0 - beta1)
+        st["exp_avg_sq"].lerp_(g * g, 1.0 - beta2)
+        d = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"], True)
+        apply_update_(p, d, group["lr"], group["weight_decay"], decay_after=True)
 
     @staticmethod
     def _matrix_cost(m: int, n: int, cfg: OptimSettings) -> float:
@@ -203,13 +296,32 @@ class SOAP(MatrixOptimizer):
         """L and QL (m x m), R and QR (n x n); a side longer than max_precond_dim has neither."""
         return sum(2 * d * d for d in (m, n) if d <= cfg.max_precond_dim)
 
+    @classmethod
+    def state_numel(cls, shape: tuple[int, ...], cfg: OptimSettings, name: str = "") -> int:
+        """As `MatrixOptimizer.state_numel`, less a one-sided vocabulary matrix's row factor."""
+        numel = super().state_numel(shape, cfg)
+        if len(shape) >= 2 and skips_vocab_side(name, cfg) and shape[0] <= cfg.max_precond_dim:
+            numel -= 2 * shape[0] * shape[0]
+        return numel
+
+    @staticmethod
+    def _sides(name: str, m: int, n: int, cfg: OptimSettings) -> tuple[bool, bool]:
+        """Whether the left (rows) and right (columns) side of matrix `name` get a factor."""
+        left = m <= cfg.max_precond_dim and not skips_vocab_side(name, cfg)
+        return left, n <= cfg.max_precond_dim
+
+    def factor_sides(self, name: str, m: int, n: int) -> list[int]:
+        """Side lengths of the factors SOAP keeps for the m x n matrix `name`."""
+        return [d for d, on in zip((m, n), self._sides(name, m, n, self.cfg)) if on]
+
     def _init_matrix_state(self, p: torch.Tensor, st: StateDict) -> None:
         m, n = matrix_shape(p)
         dev = p.device
         st["exp_avg"] = torch.zeros(m, n, device=dev)
         st["exp_avg_sq"] = torch.zeros(m, n, device=dev)
-        for side, d in (("L", m), ("R", n)):
-            if d <= self.cfg.max_precond_dim:
+        sides = self._sides(self.names[p], m, n, self.cfg)
+        for (side, d), on in zip((("L", m), ("R", n)), sides):
+            if on:
                 st[side] = torch.zeros(d, d, device=dev)
                 st["Q" + side] = torch.zeros(d, d, device=dev)
 
@@ -283,8 +395,9 @@ class SOAP(MatrixOptimizer):
         gr_MN = self.rotate(g_MN, st)
         st["exp_avg"].lerp_(gr_MN, 1.0 - beta1)
         st["exp_avg_sq"].mul_(beta2).addcmul_(gr_MN, gr_MN, value=1.0 - beta2)
-        d_MN = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"])
-        apply_update_(p, self.unrotate(d_MN, st), group["lr"], group["weight_decay"])
+        pub = self.published
+        d_MN = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"], pub)
+        apply_update_(p, self.unrotate(d_MN, st), group["lr"], group["weight_decay"], pub)
         # Factors take G only after the update, so a gradient never preconditions itself.
         self._update_factors(g_MN, st)
         if t % self.cfg.precondition_frequency == 0:

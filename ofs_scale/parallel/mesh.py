@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,18 +61,23 @@ def _pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_mesh(tp: int = 1, pp: int = 1, backend: str = "auto", device: str = "auto") -> Mesh:
-    """Initialise torch.distributed (if needed) and megatron-core's model-parallel groups."""
+def init_mesh(
+    tp: int = 1, pp: int = 1, backend: str = "auto", device: str = "auto", timeout_min: float = 60
+) -> Mesh:
+    """Initialise torch.distributed (if needed; collectives time out after `timeout_min`
+    minutes, `parallel.timeout_min`) and megatron-core's model-parallel groups."""
     from megatron.core import parallel_state
 
     dev = _pick_device(device)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_min)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
@@ -80,7 +86,9 @@ def init_mesh(tp: int = 1, pp: int = 1, backend: str = "auto", device: str = "au
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=max(1, round(timeout_min)),
         )
     dp = world // (tp * pp)
     return Mesh(

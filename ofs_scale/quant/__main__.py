@@ -1,11 +1,11 @@
-"""int8 post-training quantisation evaluation of a checkpoint.
+"""int8 / FP8 / INT4 post-training quantisation evaluation of a checkpoint.
 
 ofs-scale quant RUN_DIR_OR_CKPT [--weights tensor|channel] [--acts static|dynamic]
-    [--scope linear|all] [--fp-head] [--calib-batches 16] [--eval-batches N]
+    [--scope linear|all] [--fp-head] [--group-size 128] [--calib-batches 16] [--eval-batches N]
 torchrun --nproc_per_node=N -m ofs_scale.quant RUN_DIR --tp T     (any layout; DCP reshards)
 
-Prints fp / W8 / A8 / W8A8 validation perplexity and writes quant.json and quant.md into the run
-directory (quant-<options>.* for non-default options).
+Prints fp / W8 / A8 / W8A8 / FP8-E4M3 / FP8-E5M2 / W4 validation perplexity and writes
+quant.json and quant.md into the run directory (quant-<options>.* for non-default options).
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="`all` also quantises residual sums and attention probabilities",
     )
     p.add_argument("--fp-head", action="store_true", help="keep the unembedding in float")
+    p.add_argument(
+        "--torchao",
+        action="store_true",
+        help="add a row of real int8 kernels (torchao, dynamic per-token activations, "
+        "per-channel weights; one process; the `eval` extra)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="W4 row: input features per int4 scale (0: one scale per tensor or channel)",
+    )
     p.add_argument("--calib-batches", type=int, default=16, help="training batches to calibrate")
     p.add_argument(
         "--eval-batches",
@@ -77,10 +89,18 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("--calib-batches must be at least 1")
     if args.eval_batches is not None and args.eval_batches < 1:
         raise ConfigError("--eval-batches must be at least 1")
-    spec = QuantSpec(args.weights, args.acts, args.scope, head=not args.fp_head)
+    if args.group_size < 0:
+        raise ConfigError("--group-size must be >= 0 (0: one scale per tensor or channel)")
+    spec = QuantSpec(
+        args.weights, args.acts, args.scope, head=not args.fp_head, group_size=args.group_size
+    )
     paths = resolve(args.path, args.config)
     loaded = load_run(paths, args.overrides, tp=args.tp, device=args.device)
     result = quant_eval(loaded, spec, args.calib_batches, args.eval_batches)
+    if args.torchao:
+        from ofs_scale.eval.torchao_int8 import add_torchao_row
+
+        add_torchao_row(result, loaded, args.eval_batches)
     run_dir = paths.run_dir or loaded.checkpoint.parent
     result["kurtosis"] = kurtosis_summary(load_records(run_dir / "metrics.jsonl"))
     if loaded.mesh.is_logging_rank:

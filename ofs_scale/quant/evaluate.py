@@ -13,18 +13,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ofs_scale.checkpoint import CheckpointManager, read_meta, training_state
+from ofs_scale.checkpoint import (
+    CheckpointManager,
+    checkpoint_fingerprint,
+    read_meta,
+    training_state,
+)
 from ofs_scale.config import Config, ConfigError, check_world, load_config
-from ofs_scale.data import BatchSampler, TokenSplit, collate, eval_micro_batches, open_data
-from ofs_scale.data import prepare_data as _prepare
+from ofs_scale.data import BatchSampler, BlendedWindows, collate, eval_micro_batches, open_data
 from ofs_scale.engine.local import LocalEngine
 from ofs_scale.parallel.mesh import Mesh, init_mesh
 from ofs_scale.quant.sim import calibrate, fake_quantized
 from ofs_scale.quant.spec import QuantSpec
 
-SETTINGS = {"fp": (False, False), "W8": (True, False), "A8": (False, True), "W8A8": (True, True)}
+# row -> (quantise weights, quantise activations, weight format, activation format)
+Setting = tuple[bool, bool, str, str]
+SETTINGS: dict[str, Setting] = {
+    "fp": (False, False, "int8", "int8"),
+    "W8": (True, False, "int8", "int8"),
+    "A8": (False, True, "int8", "int8"),
+    "W8A8": (True, True, "int8", "int8"),
+    "FP8-E4M3": (True, True, "e4m3", "e4m3"),
+    "FP8-E5M2": (True, True, "e5m2", "e5m2"),
+    "W4": (True, False, "int4", "int8"),
+}
 
 
 @dataclass
@@ -73,21 +86,12 @@ class LoadedRun:
     cfg: Config
     mesh: Mesh
     engine: LocalEngine
-    train_split: TokenSplit
-    val_split: TokenSplit
+    train_split: BlendedWindows
+    val_split: BlendedWindows
     checkpoint: Path
     step: int
     paths: RunPaths
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _prepare_data(cfg: Config, mesh: Mesh):
-    d = cfg.data
-    args = (d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, d.max_files)
-    # Rank 0 builds the cache first; the others then only read it.
-    prepared = _prepare(*args, show_progress=False) if mesh.rank == 0 else None
-    dist.barrier()
-    return prepared or _prepare(*args, show_progress=False)
 
 
 def load_run(
@@ -100,17 +104,23 @@ def load_run(
     cfg = load_config(paths.config, [*overrides, f"parallel.tp={tp}", "parallel.pp=1"])
     cfg.parallel.virtual_stages = 1
     cfg.train.device = device
-    mesh = init_mesh(tp, 1, cfg.parallel.backend, device)
+    mesh = init_mesh(tp, 1, cfg.parallel.backend, device, cfg.parallel.timeout_min)
     check_world(cfg, mesh.world_size)
     torch.manual_seed(cfg.run.seed)
-    prepared = _prepare_data(cfg, mesh)
-    train_split, val_split = open_data(prepared, cfg.data.seq_len)
-    engine = LocalEngine(cfg, mesh, prepared.vocab_size)
+    data = open_data(cfg.data, mesh.rank, cfg.run.seed, progress=False)
+    train_split, val_split = data.train, data.val
+    engine = LocalEngine(cfg, mesh, data.vocab_size)
     state = training_state(engine.state_module, _NoOptimizer(), {}, mesh)
     state.pop("extra")
     run_dir = paths.run_dir or Path(cfg.run.out_dir)
     root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    manager = CheckpointManager(root, mesh)
+    # Only what the weights depend on must match (not the optimizer or the TP size of SOAP).
+    fingerprint = {
+        k: v for k, v in checkpoint_fingerprint(cfg).items() if k.startswith(("model.", "data."))
+    }
+    manager = CheckpointManager(
+        root, mesh, fingerprint=fingerprint, resume_from="latest", move_later=False
+    )
     if paths.checkpoint is not None:
         manager.load(paths.checkpoint, state)
         ckpt = paths.checkpoint
@@ -123,7 +133,8 @@ def load_run(
             )
         ckpt = found
     step = int(read_meta(ckpt).get("step", -1))
-    return LoadedRun(cfg, mesh, engine, train_split, val_split, ckpt, step, paths)
+    # the data (its datasets name the tokenizer: `ofs-scale export` ships it)
+    return LoadedRun(cfg, mesh, engine, train_split, val_split, ckpt, step, paths, {"data": data})
 
 
 def val_loss(run: LoadedRun, eval_batches: int) -> float:
@@ -145,9 +156,7 @@ def calibration_batches(run: LoadedRun, num_batches: int) -> list[tuple[torch.Te
     """This rank's micro batches of the run's first `num_batches` global training batches."""
     cfg, m = run.cfg, run.mesh
     t = cfg.train
-    sampler = BatchSampler(
-        run.train_split.num_samples, t.global_batch, t.micro_batch, m.dp_rank, m.dp, cfg.run.seed
-    )
+    sampler = BatchSampler(t.global_batch, t.micro_batch, m.dp_rank, m.dp, run.train_split.key)
     ids = [mb for step in range(num_batches) for mb in sampler.rank_micro_batches(step)]
     return [collate(run.train_split, i) for i in ids]
 
@@ -157,10 +166,15 @@ def _ppl(loss: float) -> float:
 
 
 def quant_eval(
-    run: LoadedRun, spec: QuantSpec, calib_batches: int = 16, eval_batches: int | None = None
+    run: LoadedRun,
+    spec: QuantSpec,
+    calib_batches: int = 16,
+    eval_batches: int | None = None,
+    settings: dict[str, Setting] | None = None,
 ) -> dict[str, Any]:
-    """fp / W8 / A8 / W8A8 validation loss and perplexity of the loaded model under `spec`
-    (its weight and activation options; the four settings switch the two sides on and off)."""
+    """Validation loss and perplexity of the loaded model for every row of `settings` (default
+    `SETTINGS`: fp, W8, A8, W8A8, FP8-E4M3 and FP8-E5M2 on weights and activations, W4 per
+    group) under `spec`'s options (per tensor or channel, static or dynamic, scope, head)."""
     eval_batches = eval_batches or run.cfg.train.eval_batches
     chunks, tp_group = run.engine.chunks, run.mesh.tp_group
     ranges: dict[str, tuple[float, float]] = {}
@@ -175,8 +189,8 @@ def quant_eval(
             run.mesh.dp_group,
         )
     results: dict[str, Any] = {}
-    for name, (weights, acts) in SETTINGS.items():
-        side_spec = spec.with_sides(weights, acts)
+    for name, (weights, acts, wfmt, afmt) in (settings or SETTINGS).items():
+        side_spec = spec.with_formats(wfmt, afmt).with_sides(weights, acts)
         with torch.no_grad(), fake_quantized(chunks, side_spec, ranges, tp_group):
             loss = val_loss(run, eval_batches)
         results[name] = {"val_loss": loss, "val_ppl": _ppl(loss)}
@@ -191,6 +205,7 @@ def quant_eval(
             "acts": spec.acts,
             "scope": spec.scope,
             "head": spec.head,
+            "group_size": spec.group_size,
         },
         "calib_batches": calib_batches if spec.acts == "static" else 0,
         "eval_batches": eval_batches,

@@ -1,7 +1,8 @@
 """Fake-quantise a model in place for the length of a `with` block, without touching its classes.
 
-Weights of every linear layer are swapped for their int8 round trip on entry and the fp32
-originals are copied back on exit. Activations are rounded by forward (pre-)hooks:
+Weights of every linear layer are swapped for their quantised round trip (int8, FP8 or INT4,
+as the spec's `wfmt` says) on entry and the fp32 originals are copied back on exit.
+Activations are rounded by forward (pre-)hooks (uint8 or FP8, as `afmt` says):
 
 * scope `linear`: the input of every linear layer (megatron-core Column/RowParallelLinear,
   including the unembedding unless `head=False`);
@@ -29,7 +30,13 @@ from torch import nn
 
 from ofs_scale.model import blocks
 from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
-from ofs_scale.quant.fake import fake_quant_asym, fake_quant_dynamic, fake_quant_weight
+from ofs_scale.quant.fake import (
+    fake_fp8,
+    fake_quant_asym,
+    fake_quant_dynamic,
+    fake_quant_weight,
+    token_range,
+)
 from ofs_scale.quant.spec import QuantSpec
 
 Group = dist.ProcessGroup | None
@@ -173,8 +180,13 @@ def calibrate(
 
 
 def _act_transform(spec: QuantSpec, ranges: dict[str, tuple[float, float]]) -> Transform:
+    fp8 = spec.afmt != "int8"
+
     def transform(name: str, x: torch.Tensor, group: Group) -> torch.Tensor:
         if spec.acts == "dynamic":
+            if fp8:
+                lo, hi = token_range(x, group)
+                return fake_fp8(x, torch.maximum(-lo, hi), spec.afmt)
             return fake_quant_dynamic(x, group)
         if name == ATTN_PROBS:
             lo, hi = 0.0, 1.0
@@ -182,14 +194,18 @@ def _act_transform(spec: QuantSpec, ranges: dict[str, tuple[float, float]]) -> T
             lo, hi = ranges[name]
         else:
             raise KeyError(f"activation site {name} has no calibrated range; run calibrate first")
+        if fp8:
+            return fake_fp8(x, torch.tensor(max(-lo, hi)), spec.afmt)
         return fake_quant_asym(x, torch.tensor(lo), torch.tensor(hi))
 
     return transform
 
 
-def _quantised_weight(p: torch.Tensor, per_channel: bool, tp_group: Group) -> torch.Tensor:
+def _quantised_weight(p: torch.Tensor, spec: QuantSpec, tp_group: Group) -> torch.Tensor:
     group = tp_group if is_tp_sharded(p) else None
-    return fake_quant_weight(p.data, per_channel, group, tp_partition_dim(p) if group else -1)
+    dim = tp_partition_dim(p) if group else -1
+    per_channel = spec.weights == "channel"
+    return fake_quant_weight(p.data, per_channel, group, dim, spec.wfmt, spec.group_size)
 
 
 @contextlib.contextmanager
@@ -202,7 +218,6 @@ def fake_quantized(
     """Inside the block the model computes with int8-rounded weights and/or activations as
     `spec` says; on exit the fp weights are restored exactly and every hook is removed."""
     sites = find_sites(chunks, spec.scope, spec.head, tp_group)
-    per_channel = spec.weights == "channel"
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     with contextlib.ExitStack() as stack:
         try:
@@ -211,9 +226,9 @@ def fake_quantized(
                     if mod.weight is not None:
                         w = mod.weight
                         saved.append((w, w.data.clone()))
-                        w.data.copy_(_quantised_weight(w, per_channel, tp_group))
+                        w.data.copy_(_quantised_weight(w, spec, tp_group))
                     else:  # tied unembedding: the embedding weight arrives as an argument
-                        stack.enter_context(_tied_weight_hook(mod, per_channel, tp_group))
+                        stack.enter_context(_tied_weight_hook(mod, spec, tp_group))
             proxy = None
             if spec.acts != "none":
                 transform = _act_transform(spec, ranges or {})
@@ -232,12 +247,12 @@ def fake_quantized(
 
 
 @contextlib.contextmanager
-def _tied_weight_hook(mod: nn.Module, per_channel: bool, tp_group: Group) -> Iterator[None]:
+def _tied_weight_hook(mod: nn.Module, spec: QuantSpec, tp_group: Group) -> Iterator[None]:
     def hook(module, args, kwargs):
         w = kwargs.get("weight")
         if w is None:
             return None
-        return args, {**kwargs, "weight": _quantised_weight(w, per_channel, tp_group)}
+        return args, {**kwargs, "weight": _quantised_weight(w, spec, tp_group)}
 
     handle = mod.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -53,15 +53,18 @@ def output_stem(spec: QuantSpec) -> str:
     if spec == DEFAULT_SPEC:
         return "quant"
     head = "" if spec.head else "-fphead"
-    return f"quant-w{spec.weights}-a{spec.acts}-{spec.scope}{head}"
+    group = "" if spec.group_size == DEFAULT_SPEC.group_size else f"-g{spec.group_size}"
+    return f"quant-w{spec.weights}-a{spec.acts}-{spec.scope}{head}{group}"
 
 
 def _title(result: dict[str, Any]) -> str:
     s = result["spec"]
     head = "" if s["head"] else ", fp head"
+    group = s.get("group_size", DEFAULT_SPEC.group_size)
     return (
-        f"int8 fake quantisation (weights per {s['weights']}, activations {s['acts']}, "
-        f"scope {s['scope']}{head}) of {result['checkpoint']} at step {result['step']}"
+        f"fake quantisation (weights per {s['weights']}, activations {s['acts']}, "
+        f"scope {s['scope']}{head}, W4 group {group or 'none'}) "
+        f"of {result['checkpoint']} at step {result['step']}"
     )
 
 

@@ -11,6 +11,7 @@ stops a test that hangs. `fn` must be a module-level function (it is pickled by 
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -45,7 +46,9 @@ def _worker(rank, world_size, port, backend, fn, args, queue) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        result = fn(rank, *args)
+        # Plain pickle bytes, not torch's shared-memory tensor handles: those are served by this
+        # process and vanish when it exits, possibly before the parent has read them.
+        result = pickle.dumps(fn(rank, *args))
         queue.put((rank, True, result))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
@@ -95,7 +98,7 @@ def run_distributed(
                     errors.append(f"ranks {waiting} gave no result within {timeout} s")
                 continue
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
     finally:

@@ -41,6 +41,9 @@ class TrainerView(Protocol):
     def is_stage_end(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) is the last of a stage."""
 
+    def is_eval_step(self, step: int) -> bool:
+        """Whether an evaluation runs after optimizer step `step` (1-based)."""
+
     def evaluate(self) -> dict[str, Any]:
         """Validation loss of the current weights (collective)."""
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ofs_scale.checkpoint import write_atomic
 from ofs_scale.config import to_dict
 from ofs_scale.console import console
 from ofs_scale.trainer.callbacks import Callback, TrainerView
@@ -22,7 +23,8 @@ def _clean(v: Any) -> Any:
 
 
 class JsonlLogger(Callback):
-    """Appends one JSON object per logged step (and per evaluation) to metrics.jsonl."""
+    """Appends one JSON object per logged step (and per evaluation) to metrics.jsonl; on resume
+    the records past the resumed step are dropped by an atomic replace of the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -39,7 +41,9 @@ class JsonlLogger(Callback):
                     continue
                 if rec.get("step", 0) <= trainer.step:
                     keep.append(line)
-            self.path.write_text("".join(k + "\n" for k in keep))
+            # A new file renamed over the old one: a kill or a full disk here leaves the whole
+            # old history, never a truncated one.
+            write_atomic(self.path, "".join(k + "\n" for k in keep))
         elif self.path.exists():
             self.path.unlink()
 

@@ -13,18 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ofs_scale.checkpoint import CheckpointManager, checkpoint_fingerprint, load_shard_state
 from ofs_scale.config import Config, check_world, dump_yaml
 from ofs_scale.console import console
-from ofs_scale.data import (
-    BatchSampler,
-    collate,
-    eval_micro_batches,
-    open_data,
-    prepare_data,
-)
+from ofs_scale.data import BatchSampler, RunData, collate, eval_micro_batches, open_data
 from ofs_scale.engine import Engine, build_engine
 from ofs_scale.instruments import build_instruments
 from ofs_scale.optim import lr_at, stage_at
@@ -32,6 +25,7 @@ from ofs_scale.parallel.mesh import Mesh, init_mesh
 from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loggers import JsonlLogger, ProgressLogger, WandbLogger
+from ofs_scale.trainer.rundir import claim_run_dir
 
 
 class TrainingStopped(RuntimeError):
@@ -49,25 +43,24 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.mesh = mesh or init_mesh(
-            cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend, cfg.train.device
+            cfg.parallel.tp,
+            cfg.parallel.pp,
+            cfg.parallel.backend,
+            cfg.train.device,
+            cfg.parallel.timeout_min,
         )
         m = self.mesh
         check_world(cfg, m.world_size)
         self.out_dir = Path(cfg.run.out_dir)
         torch.manual_seed(cfg.run.seed)
 
-        self.prepared = self._prepare_data()
-        self.train_split, self.val_split = open_data(self.prepared, cfg.data.seq_len)
+        self.data = self._prepare_data()
+        self.train_split, self.val_split = self.data.train, self.data.val
         t = cfg.train
         self.sampler = BatchSampler(
-            self.train_split.num_samples,
-            t.global_batch,
-            t.micro_batch,
-            m.dp_rank,
-            m.dp,
-            cfg.run.seed,
+            t.global_batch, t.micro_batch, m.dp_rank, m.dp, self.train_split.key
         )
-        self.engine: Engine = build_engine(cfg, m, self.prepared.vocab_size)
+        self.engine: Engine = build_engine(cfg, m, self.data.vocab_size)
         self.named_params = self.engine.named_parameters()
         self.params = [p for _, p in self.named_params]
         self.optimizer = self.engine.optimizer
@@ -76,10 +69,13 @@ class Trainer:
             m,
             cfg.checkpoint.keep,
             fingerprint=checkpoint_fingerprint(cfg),
+            resume_from=cfg.checkpoint.resume_from,
+            verify=cfg.checkpoint.verify,
         )
         self.step = 0
         self.tokens = 0
         self.bad_streak = 0
+        self.saved_step = -1  # the step of the last checkpoint this process wrote
         # Set (e.g. by a signal handler) to checkpoint after the current step and return.
         self.stop_requested = False
         self.stopped_early = False
@@ -89,15 +85,10 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _prepare_data(self):
-        d = self.cfg.data
-        args = (d.corpus, d.vocab_size, d.cache_dir, d.val_fraction, d.shard_tokens, d.max_files)
-        if self.mesh.rank == 0:
-            prepared = prepare_data(*args, show_progress=self.cfg.logging.progress)
-        dist.barrier()
-        if self.mesh.rank != 0:
-            prepared = prepare_data(*args, show_progress=False)
-        return prepared
+    def _prepare_data(self) -> RunData:
+        # Memory-maps prepared datasets (or prepares data.corpus once, on rank 0): O(1) per start.
+        cfg = self.cfg
+        return open_data(cfg.data, self.mesh.rank, cfg.run.seed, cfg.logging.progress)
 
     def default_callbacks(self) -> list[Callback]:
         cbs: list[Callback] = build_instruments(self.cfg)
@@ -127,7 +118,9 @@ class Trainer:
         for cb in self.callbacks:
             if (st := cb.shard_state(self)) is not None:
                 shards[type(cb).__name__] = st
-        return self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
+        path = self.engine.save_checkpoint(self.ckpt, name, self.state(), self.step, shards)
+        self.saved_step = self.step
+        return path
 
     def resume(self) -> Path | None:
         """Load the newest usable checkpoint of this run, if any."""
@@ -213,8 +206,21 @@ class Trainer:
         val = float(self.engine.evaluate(self._batches(self.val_split, ids)))
         return {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
+    def is_eval_step(self, step: int) -> bool:
+        """Whether an evaluation runs after optimizer step `step` (1-based)."""
+        every = self.cfg.train.eval_every
+        return self.is_stage_end(step) or bool(every and step % every == 0)
+
     def fit(self) -> dict[str, Any]:
-        """Train every remaining step of every stage (resuming if a checkpoint exists)."""
+        """Train every remaining step of every stage (resuming if a checkpoint exists), holding
+        the lock on run.out_dir throughout."""
+        lock = claim_run_dir(self.out_dir, self.ckpt, self.mesh)
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.resume()
         if self.mesh.is_logging_rank:
@@ -233,24 +239,20 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.post_step(self, self.step, record)
                 if self.bad_streak >= cfg.train.max_bad_steps:
-                    name = f"step_{self.step:06d}"
-                    self.save_checkpoint(name)
-                    raise TrainingStopped(
-                        f"{self.bad_streak} non-finite steps in a row at step {self.step}; "
-                        f"checkpoint {name} written. Lower optim.lr, enable train.grad_clip, "
-                        "or use train.dtype=fp32, then resume"
-                    )
+                    raise self._stop_non_finite()
                 stage_end = self.is_stage_end(self.step)
-                if self.stop_requested and not stage_end:
-                    self.save_checkpoint(f"step_{self.step:06d}")
-                    self.stopped_early = True
-                    self.log(f"stop requested: checkpoint written at step {self.step}")
-                    break
-                every = cfg.train.eval_every
-                if stage_end or (every and self.step % every == 0):
+                # Evaluate before any checkpoint of this step is written (the periodic one
+                # follows the evaluation): a process that dies in between redoes both.
+                if self.is_eval_step(self.step):
                     self.last_eval = self.evaluate()
                     for cb in self.callbacks:
                         cb.on_eval(self, self.step, self.last_eval)
+                if self.stop_requested and not stage_end:
+                    if self.saved_step != self.step:
+                        self.save_checkpoint(f"step_{self.step:06d}")
+                    self.stopped_early = True
+                    self.log(f"stop requested: checkpoint written at step {self.step}")
+                    break
                 if stage_end:
                     idx, _ = stage_at(self.step - 1, cfg.train.stages)
                     for cb in self.callbacks:
@@ -262,6 +264,28 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
         return self.summary()
+
+    def _stop_non_finite(self) -> TrainingStopped:
+        """Checkpoint the diverged state (marked unhealthy, never resumed by default) and say
+        how to go on from the last healthy checkpoint."""
+        name = f"step_{self.step:06d}"
+        self.save_checkpoint(name)
+        first_bad = self.step - self.bad_streak + 1
+        # the weights saved after step first_bad - 1 are what produced the first bad step
+        self.ckpt.mark_unhealthy(
+            first_bad - 1, f"its weights led to non-finite steps from step {first_bad} on"
+        )
+        healthy = self.ckpt.newest_healthy()
+        where = (
+            f"resumes from {healthy.name}, the last checkpoint with healthy weights"
+            if healthy
+            else "has no checkpoint with healthy weights: start a new run.out_dir"
+        )
+        return TrainingStopped(
+            f"{self.bad_streak} non-finite steps in a row at step {self.step}; checkpoint {name} "
+            "written and marked unhealthy. Lower optim.lr, enable train.grad_clip, or use "
+            f"train.dtype=fp32, then rerun: the run {where} (checkpoint.resume_from=last_healthy)"
+        )
 
     def summary(self) -> dict[str, Any]:
         rows: dict[str, Any] = {"steps": self.step, "tokens": self.tokens}

@@ -7,27 +7,32 @@ torchrun --nproc_per_node=N -m ofs_scale.train --config ... parallel.tp=2 parall
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
 import torch.distributed as dist
 
 from ofs_scale.checkpoint import CheckpointError
-from ofs_scale.config import Config, ConfigError, dump_yaml, load_config
+from ofs_scale.config import Config, ConfigError, check_world, dump_yaml, load_config
 from ofs_scale.console import console, print_summary
-from ofs_scale.data import DataError
+from ofs_scale.data import DataError, check_datasets
 from ofs_scale.model.shapes import param_count, per_rank_param_counts
 from ofs_scale.parallel.mesh import destroy_mesh
 from ofs_scale.trainer.loop import Trainer, TrainingStopped
 from ofs_scale.trainer.preemption import PreemptionGuard, finish_preempted
+from ofs_scale.trainer.rundir import RunDirError
 
 
 def dry_run(cfg: Config) -> None:
-    """Print the resolved config and parameter counts without allocating the model."""
+    """Print the resolved config and parameter counts without allocating the model; the
+    prepared datasets are opened and checked (memory-mapped, nothing read)."""
     console.print(dump_yaml(cfg))
     vocab = cfg.data.vocab_size
     total = param_count(cfg, vocab)
     rows = {"parameters (total)": f"{total:,}"}
+    for ds in check_datasets(cfg.data):
+        rows[f"dataset {ds.path}"] = f"{ds.num_tokens:,} tokens"
     counts = per_rank_param_counts(cfg, vocab)
     for pp_rank, n in enumerate(counts):
         rows[f"parameters per rank, pp stage {pp_rank} (tp={cfg.parallel.tp})"] = f"{n:,}"
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
+        # before torch.distributed starts: a bad layout is a message, not a traceback
+        check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         guard = PreemptionGuard().install()  # SIGUSR1/SIGTERM: checkpoint, stop, requeue
         trainer = Trainer(cfg)
         trainer.callbacks.append(guard)
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"metrics: {trainer.out_dir / 'metrics.jsonl'}")
         if (message := finish_preempted(trainer, guard)) is not None:
             console.print(f"[launch] {message}", markup=False, highlight=False)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     except TrainingStopped as e:

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness (`ofs-scale eval`), torchao int8 rows, `ofs-scale inspect`."""

@@ -1,0 +1,1 @@
+"""Hugging Face export: `ofs-scale export` (convert.py; modelling_ofs.py ships with exports)."""
