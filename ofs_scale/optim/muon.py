@@ -31,12 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ofs_scale.optim.adamw import param_groups
+from ofs_scale.optim.named import NamedStateOptimizer, StateDict
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.soap import adam_direction, apply_update_, matrix_shape
 from ofs_scale.parallel.tp import is_tp_sharded, tp_partition_dim
-
-StateDict = dict[str, torch.Tensor]
 
 NS_EPS = 1e-7
 
@@ -78,7 +76,7 @@ def uses_muon(name: str, p: torch.Tensor, adamw_prefixes: list[str] | tuple[str,
     return p.ndim >= 2 and not _adamw_by_name(name, adamw_prefixes)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(NamedStateOptimizer):
     """Muon for hidden matrices and AdamW for the rest, over named parameters (`optim.name=muon`).
 
     One learning rate and weight decay for both kinds (the trainer's schedule writes
@@ -95,10 +93,7 @@ class Muon(torch.optim.Optimizer):
     ) -> None:
         if cfg.ns_steps < 1:
             raise ValueError(f"optim.ns_steps={cfg.ns_steps} must be >= 1")
-        defaults = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": 0.0}
-        super().__init__(param_groups(named, cfg.weight_decay), defaults)
-        self.cfg = cfg
-        self.names = {p: n for n, p in named}
+        super().__init__(named, cfg)
         self.muon = {p: uses_muon(n, p, cfg.muon_adamw) for n, p in named}
         self.tp_group = tp_group
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
@@ -175,14 +170,3 @@ class Muon(torch.optim.Optimizer):
         parts = [torch.empty_like(u) for _ in range(self.tp)]
         dist.all_gather(parts, u.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=dim)
-
-    def named_state(self) -> dict[str, StateDict]:
-        """State by parameter name, materialised (zeros) where not yet created."""
-        out = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st)
-                out[self.names[p]] = st
-        return out

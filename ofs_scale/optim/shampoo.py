@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ofs_scale.optim.named import StateDict
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.soap import (
     MatrixOptimizer,
-    StateDict,
     adam_direction,
     apply_update_,
     matrix_shape,

@@ -16,12 +16,11 @@ import math
 import torch
 from torch import nn
 
-from ofs_scale.optim.adamw import param_groups
+from ofs_scale.optim.named import NamedStateOptimizer, StateDict
 from ofs_scale.optim.settings import OptimSettings
 
 log = logging.getLogger("ofs_scale.optim")
 
-StateDict = dict[str, torch.Tensor]
 
 EIGH_SHIFT = 1e-30
 # optim.soap_mode: the published SOAP code's semantics, or this project's earlier variant.
@@ -114,7 +113,7 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     return p.shape[0], p[0].numel()
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
+class MatrixOptimizer(NamedStateOptimizer):
     """Base of SOAP and Shampoo: AdamW for tensors with ndim < 2, a matrix rule for the rest.
 
     State is created lazily per parameter (`_init_matrix_state`) and is also materialised by
@@ -129,10 +128,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             )
         if cfg.max_precond_dim < 1:
             raise ValueError(f"optim.max_precond_dim={cfg.max_precond_dim} must be >= 1")
-        defaults = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": 0.0}
-        super().__init__(param_groups(named, cfg.weight_decay), defaults)
-        self.cfg = cfg
-        self.names = {p: n for n, p in named}
+        super().__init__(named, cfg)
         self.shampoo_beta = cfg.betas[1] if cfg.shampoo_beta is None else cfg.shampoo_beta
         self._warn_large_factors(named)
 
@@ -231,17 +227,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
         t = int(st["step"])
         d = adam_direction(st["exp_avg"], st["exp_avg_sq"], t, group["betas"], group["eps"])
         apply_update_(p, d, group["lr"], group["weight_decay"])
-
-    def named_state(self) -> dict[str, StateDict]:
-        """State by parameter name, materialised (zeros) where not yet created."""
-        out = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st)
-                out[self.names[p]] = st
-        return out
 
 
 class SOAP(MatrixOptimizer):
