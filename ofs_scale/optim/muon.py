@@ -126,20 +126,12 @@ class Muon(NamedStateOptimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         """One update of every parameter that has a gradient (same order on every TP rank)."""
-        if closure is not None:
-            raise ValueError("closures are not supported by Muon; call step() after backward")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st)
-                st["step"] += 1
-                if self.muon[p]:
-                    self._muon_step(p, p.grad.float(), st, group)
-                else:
-                    self._adamw_step(p, p.grad.float(), st, group)
+        for p, st, group in self._with_grads(closure, "Muon"):
+            st["step"] += 1
+            if self.muon[p]:
+                self._muon_step(p, p.grad.float(), st, group)
+            else:
+                self._adamw_step(p, p.grad.float(), st, group)
 
     @staticmethod
     def _adamw_step(p: torch.Tensor, g: torch.Tensor, st: StateDict, group) -> None:

@@ -8,6 +8,9 @@ checkpoint loads into it in place.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,6 +32,22 @@ class NamedStateOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, st: StateDict) -> None:
         """Create the state of parameter `p` in the empty dict `st`."""
         raise NotImplementedError
+
+    def _with_grads(
+        self, closure: Any, who: str
+    ) -> Iterator[tuple[torch.Tensor, StateDict, dict[str, Any]]]:
+        """(parameter, its state, its group) for every parameter with a gradient, in group
+        order, creating state on first use; `step` implementations loop over this."""
+        if closure is not None:
+            raise ValueError(f"closures are not supported by {who}; call step() after backward")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    self._init_state(p, st)
+                yield p, st, group
 
     def named_state(self) -> dict[str, StateDict]:
         """State by parameter name, materialised (zeros) where not yet created."""

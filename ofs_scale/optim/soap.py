@@ -201,22 +201,12 @@ class MatrixOptimizer(NamedStateOptimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         """One update of every parameter that has a gradient."""
-        if closure is not None:
-            raise ValueError(
-                "closures are not supported by SOAP/Shampoo; call step() after backward"
-            )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    self._init_state(p, st)
-                g = p.grad.float()
-                if p.ndim < 2:
-                    self._adamw_step(p, g, st, group)
-                else:
-                    self._matrix_step(p, g.reshape(matrix_shape(p)), st, group)
+        for p, st, group in self._with_grads(closure, "SOAP/Shampoo"):
+            g = p.grad.float()
+            if p.ndim < 2:
+                self._adamw_step(p, g, st, group)
+            else:
+                self._matrix_step(p, g.reshape(matrix_shape(p)), st, group)
 
     @staticmethod
     def _adamw_step(p: torch.Tensor, g: torch.Tensor, st: StateDict, group) -> None:
