@@ -24,7 +24,9 @@ from ofs_scale.config.schema import (
     ParallelConfig,
     RunConfig,
     StageConfig,
+    Switch,
     TrainConfig,
+    switch_on,
 )
 
 __all__ = [
@@ -42,11 +44,13 @@ __all__ = [
     "ParallelConfig",
     "RunConfig",
     "StageConfig",
+    "Switch",
     "TrainConfig",
     "check_world",
     "dump_yaml",
     "load_config",
     "parse_override",
+    "switch_on",
     "to_dict",
     "validate",
 ]

@@ -21,6 +21,18 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and the fix."""
 
 
+Switch = bool | Literal["auto"]
+"""A GPU fast path: true, false, or `auto` (decided by `switch_on` from the device)."""
+
+
+def switch_on(value: Switch, cuda: bool, *, requires: bool = True) -> bool:
+    """Whether a `Switch` setting is on: `auto` means on when training on CUDA and `requires`
+    (a further condition, e.g. tp > 1) holds; true and false are taken as they are."""
+    if value == "auto":
+        return cuda and requires
+    return bool(value)
+
+
 @dataclass
 class RunConfig:
     name: str = "smoke"
@@ -135,6 +147,16 @@ class ParallelConfig:
     timeout_min: float = 60.0
     """Process-group timeout (gloo and nccl) in minutes: how long a collective waits, e.g. for
     rank 0 preparing data.corpus (60 as in Megatron-LM)."""
+    overlap_grad_reduce: Switch = "auto"
+    """Reduce DP gradients in buckets launched from gradient hooks while the backward pass runs
+    (instead of one reduction after it). `auto`: on with CUDA."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the DP gradient reduction (the buffers gradients accumulate in stay fp32)."""
+    bucket_mb: float = 25.0
+    """Size of one DP gradient bucket in MB (of reduced bytes)."""
+    sequence_parallel: Switch = "auto"
+    """With tp > 1, split the residual stream, norms and element-wise work along the sequence
+    between TP ranks (megatron-core's sequence_parallel). `auto`: on with CUDA and tp > 1."""
 
 
 @dataclass
@@ -163,7 +185,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: off)."""
     dtype: Literal["fp32", "bf16"] = "fp32"
-    """Compute dtype: bf16 uses autocast; weights and optimizer state stay fp32."""
+    """Compute dtype: bf16 uses autocast; weights and optimizer state stay fp32 unless
+    train.master_weights is on."""
+    master_weights: Switch = "auto"
+    """With dtype bf16: bf16 model weights for compute, fp32 master weights owned (and sharded)
+    by the optimizer, gradients accumulated in fp32 buffers; clipping and the update in fp32.
+    `auto`: on with CUDA and dtype bf16."""
+    compile: Switch = "auto"
+    """Regional `torch.compile` of each transformer block. `auto`: on with CUDA."""
     activation_checkpointing: bool = False
     """Keep only each block's input and recompute the block in the backward pass: activation
     memory of about one block instead of all (ofs-scale plan shows both), ~1/3 more compute."""
@@ -307,6 +336,9 @@ class CheckpointConfig:
     directory (used once; the run's own later checkpoints take over)."""
     verify: bool = True
     """Check every file's recorded crc32 before loading (about 5 GB/s per rank)."""
+    async_save: Switch = "auto"
+    """Write checkpoints in the background after staging them to CPU memory, so training
+    stalls only for the staging copy; still atomic. `auto`: on with CUDA."""
 
 
 @dataclass
