@@ -114,6 +114,11 @@ def test_soap_ofs_mode_one_dim_params_are_adamw_without_decay():
     torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-7)
 
 
+# fp32 rounding after 60 steps of eigh/QR-based updates: the BLAS/LAPACK kernels a CPU picks
+# move single weights by ~1e-6 (seen on one machine at 1.1e-6 on a 0.008 weight)
+ROUNDING = {"rtol": 1e-4, "atol": 5e-6}
+
+
 def test_soap_matches_pytorch_optimizer_for_60_steps():
     """pytorch-optimizer 4.1's SOAP follows the published code (first step of every parameter
     skipped, eps before bias correction, decay after the update, exp_avg kept unrotated and
@@ -148,12 +153,14 @@ def test_soap_matches_pytorch_optimizer_for_60_steps():
         ref.step()
     for (w0, _), p, w in zip(problems, params, got):
         assert not torch.equal(w, w0)
-        torch.testing.assert_close(w, p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w, p.detach(), **ROUNDING)
     # the test sees the three differences: the "ofs" mode does not pass it
     ofs, _ = run_soap(
         [w for w, _ in problems], [g for _, g in problems], steps, soap_mode="ofs", **kw
     )
-    assert not all(torch.allclose(w, p, rtol=1e-5, atol=1e-6) for w, p in zip(ofs, params))
+    gap = max((w - p.detach()).abs().max().item() for w, p in zip(ofs, params))
+    assert not all(torch.allclose(w, p, **ROUNDING) for w, p in zip(ofs, params)), gap
+    print(f"largest weight difference of the 'ofs' mode: {gap:.2e}")
 
 
 def test_vocabulary_policy_and_large_factor_warning(caplog):
