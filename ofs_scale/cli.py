@@ -34,7 +34,8 @@ COMMANDS: dict[str, Command] = {
     "ckpt": Command("ofs_scale.checkpoint.cli", "list checkpoints, verify their checksums"),
     "export": Command("ofs_scale.export.__main__", "a run as a Hugging Face transformers model"),
     "eval": Command("ofs_scale.eval.__main__", "lm-evaluation-harness tasks on a run or HF model"),
-    "inspect": Command("ofs_scale.eval.inspect_hf", "OF metrics of any local HF causal LM"),
+    "inspect": Command("ofs_scale.eval.inspect_cli", "OF metrics of any local HF causal LM"),
+    "sample": Command("ofs_scale.eval.sample_cli", "continue a prompt with a run's checkpoint"),
     "prepare": Command("ofs_scale.data.prepare.cli", "tokenize raw text into an indexed dataset"),
 }
 

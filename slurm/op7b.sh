@@ -9,7 +9,8 @@
 #
 # Environment: CONFIG, OVERRIDES (space separated; arguments after the script come last),
 # NPROC_PER_NODE (default: GPUs on the node), MASTER_PORT, PYTHON, OFS_ROOT (default: the submit
-# directory). Check the layout first: ofs-scale plan "$CONFIG" --gpus 64 --gpu-mem 80.
+# directory), MAX_RESTARTS (torchrun --max-restarts, default 1 here), SRUN_CPUS_PER_TASK (default:
+# the job's --cpus-per-task). Check the layout first: ofs-scale plan "$CONFIG" --gpus 64.
 #
 # Time limit and preemption: SLURM sends USR1 to every process of the step 300 s before the
 # limit; the ranks agree on a step, finish it, write checkpoint step_NNNNNN, and rank 0 runs
@@ -42,6 +43,15 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export TORCH_NCCL_BLOCKING_WAIT="${TORCH_NCCL_BLOCKING_WAIT:-0}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# InfiniBand clusters (see docs/cluster.md; ask the admins, `ibstat` / `ip -br addr` show names):
+# export NCCL_IB_HCA="${NCCL_IB_HCA:-mlx5}"                 # which HCAs NCCL uses (prefix match)
+# export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"  # bootstrap/TCP interface
+# export NCCL_IB_GID_INDEX="${NCCL_IB_GID_INDEX:-3}"        # RoCE v2 needs the right GID index
+# export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"    # GPUDirect RDMA up to this distance
+# export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET          # once: check NET/IB is chosen
+# export TORCH_NCCL_BLOCKING_WAIT=1   # debugging hangs only: synchronous waits, slower
+# torchrun restarts per node after a rank fails (resume from the newest checkpoint):
+export MAX_RESTARTS="${MAX_RESTARTS:-1}"
 
 export LAUNCH_NAME=op7b.sh
 # shellcheck source=slurm/torchrun.sh

@@ -5,6 +5,7 @@
 #
 #   sbatch slurm/smoke.sh [section.key=value ...]
 #   CONFIG=configs/smoke.yaml NPROC_PER_NODE=2 sbatch slurm/smoke.sh run.out_dir=runs/s1
+#   MAX_RESTARTS=2 sbatch slurm/smoke.sh     # torchrun restarts failed ranks; they resume
 #
 # Before the time limit SLURM sends USR1 to every process of the step: the ranks finish the
 # current step, write checkpoint step_NNNNNN, and rank 0 requeues the job, which resumes from it.

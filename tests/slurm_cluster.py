@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd")
@@ -63,6 +63,37 @@ def skip_reason() -> str | None:
             "run `apt-get install -y --no-install-recommends slurm-wlm munge` or `make install`"
         )
     return None
+
+
+def sbatch(argv: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run `sbatch --parsable ARGV` with `env` in `cwd`; returns the job id."""
+    res = subprocess.run(
+        ["sbatch", "--parsable", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().split(";")[0]
+
+
+def module_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """Body of a module-scoped `slurm` fixture: a started cluster, stopped afterwards; skips
+    with the reason where none can start (fails instead with OFS_REQUIRE_SLURM=1, for CI)."""
+    import pytest
+
+    reason = skip_reason()
+    if reason:
+        if os.environ.get("OFS_REQUIRE_SLURM") == "1":
+            pytest.fail(f"OFS_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _free_ports(n: int) -> list[int]:

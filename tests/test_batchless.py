@@ -98,6 +98,26 @@ def test_data_init_and_factory(tiny_cfg):
         BatchlessNorm(4, aux_weight=-1.0)
 
 
+def test_data_init_sigma_floor(tiny_cfg):
+    """A feature at the 0.02 scale of an initial residual stream starts at sigma = the floor (the
+    norm's gain is capped), a wider one at its own std; 0 turns the floor off."""
+    x = torch.randn(64, 3) * torch.tensor([0.02, 3.0, 0.5])
+    cfg = tiny_cfg("model.norm=batchless", "model.bln_data_init=true")
+    norm = build_norm("batchless", 3, cfg=cfg.model)
+    assert norm.init_min_sigma == 0.3  # the config default
+    norm.train()(x)
+    std = x.std(0, unbiased=False)
+    expected = torch.stack([torch.tensor(0.3), std[1], std[2]])
+    torch.testing.assert_close(norm.log_sigma.detach().exp(), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(norm.mu.detach(), x.mean(0))
+    off = BatchlessNorm(3, data_init=True, init_min_sigma=0.0)
+    off.train()(x)
+    eps_std = (std.square() + off.eps).sqrt()
+    torch.testing.assert_close(off.log_sigma.detach().exp(), eps_std, rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="bln_init_min_sigma"):
+        BatchlessNorm(3, init_min_sigma=-1.0)
+
+
 def _train(rank, runs):
     out = []
     for overrides in runs:

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-1/2 engine: same losses as the native engine, exact resume, config checks.
+"""DeepSpeed ZeRO-1/2 engine: same losses as the native engine, exact resume, zero_to_fp32.py
+consolidation, config checks.
 
 All multi-process checks share one `run_distributed` call per layout (spawning and building
 DeepSpeed's shared-memory extension dominate the cost). The extension is cached under
@@ -8,6 +9,8 @@ DeepSpeed's shared-memory extension dominate the cost). The extension is cached 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +163,16 @@ def test_deepspeed_matches_native_and_resumes(tiny_corpus, cache_dir, tmp_path):
             for k in ref:
                 assert mine[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
     assert r["quant_val_loss"] == pytest.approx(r["val_loss"], rel=1e-5)
+    # DeepSpeed's zero_to_fp32.py (dropped next to the checkpoints) follows our `latest` and
+    # merges the two ZeRO-2 partitions into the weights the run ended with
+    root, merged = tmp_path / "resumed/checkpoints", tmp_path / "merged"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(root / "zero_to_fp32.py"), str(root), str(merged)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    state = torch.load(merged / "pytorch_model.bin", weights_only=True)
+    for n, p in r["resumed_params"].items():
+        torch.testing.assert_close(state[n], p, rtol=0, atol=0, msg=n)
 
 
 def _tp2_checks(rank: int, base: list[str], out: Path) -> dict:

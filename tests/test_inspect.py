@@ -120,7 +120,8 @@ def reference(kind: str, model, tokens) -> dict[str, float]:
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt", "llama"])
 def test_inspect_matches_hooks_written_out(kind, tmp_path):
-    from ofs_scale.eval.inspect_hf import main, measure, text_windows
+    from ofs_scale.eval.inspect_cli import main
+    from ofs_scale.eval.inspect_hf import measure, text_windows
 
     model = build(kind, tmp_path / kind)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / kind)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,7 @@ def test_local_sweep_runs_points_writes_index_and_calls_hooks(
         run_dir = Path(point["out_dir"])
         assert run_dir.parent == sweep_dir and point["job_id"]
         assert hook_calls(run_dir) == [{"block": point["params"]["model.block"], "steps": 3}]
-        quant = json.loads((run_dir / "quant.json").read_text())
+        quant = json.loads((run_dir / "quant_stage_main.json").read_text())
         assert quant["step"] == 3 and set(quant["results"]) >= {"fp", "W8", "A8", "W8A8", "W4"}
         assert load_config(point["config"]).model.block == point["params"]["model.block"]
         assert (run_dir / "checkpoints/stage_main/ofs_meta.json").is_file()
@@ -90,8 +92,8 @@ def test_local_sweep_runs_points_writes_index_and_calls_hooks(
     assert main(["status", str(sweep_dir)]) == 0
     assert "COMPLETED" in capsys.readouterr().out
     assert main(["tail", index["points"][0]["out_dir"], "-n", "2"]) == 0
-    assert '"step": 3' in capsys.readouterr().out
-    # the grid's table: one command over the sweep directory, W8A8 from the hook's quant.json
+    assert "step 3 [main] loss " in capsys.readouterr().out
+    # the grid's table: one command over the sweep directory, W8A8 from the hook's result
     assert report_main([str(sweep_dir)]) == 0
     rows = json.loads((sweep_dir / "report.json").read_text())
     assert [r["steps"] for r in rows] == [3, 3]
@@ -145,3 +147,50 @@ def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tiny_corpus, cache_
     ckpts = out / "checkpoints"
     assert (ckpts / "step_000002/ofs_meta.json").is_file()
     assert (ckpts / "latest").read_text().strip() == "step_000002"
+
+
+DETACHED_SUBMIT = """
+import sys, time, submitit
+from ofs_scale.launch.__main__ import _detached_stdio
+executor = submitit.AutoExecutor(folder=sys.argv[1], cluster="local")
+with _detached_stdio():
+    job = executor.submit(time.sleep, 60)
+print(job.job_id, flush=True)
+"""
+
+
+def test_local_submit_returns_while_the_job_runs(tmp_path):
+    # A caller capturing the output waits for the pipe to close: without detaching, the job
+    # controller holds it until the job ends (the issue's "blocks for minutes").
+    from ofs_scale.launch.status import job_state
+
+    done = subprocess.run(
+        [sys.executable, "-c", DETACHED_SUBMIT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[-1]
+    assert job_state(job_id, "local", tmp_path) == "RUNNING or LOST (no result yet)"
+
+
+def test_unreachable_slurm_is_one_line(tiny_corpus, cache_dir, tmp_path, monkeypatch, capsys):
+    from ofs_scale.launch.__main__ import main
+
+    # a configuration sbatch cannot read: no controller is reachable (or sbatch is missing)
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "missing.conf"))
+    argv = tiny_overrides(tiny_corpus, cache_dir, tmp_path / "run")
+    assert main(["submit", *argv]) == 2  # no --config: named
+    assert "submit needs --config" in capsys.readouterr().out
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {name: slurmless}\n")
+    assert main(["submit", "--config", str(config), *argv]) == 2
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "Traceback" not in out and "--local" in out, out
+    assert "SLURM is not reachable" in out or "sbatch is not on PATH" in out, out
+    # the dry run's checks stop a submission before anything is queued
+    assert main(["submit", "--config", str(config), *argv, "metrics.sites=[block_09]"]) == 2
+    out = capsys.readouterr().out
+    assert "error: metrics.sites: unknown site 'block_09'" in out and "SLURM" not in out

@@ -233,13 +233,16 @@ def test_cli_prints_table_and_writes_plots(tiny_corpus, cache_dir, tmp_path, cap
     assert main(over) == 0
     out = capsys.readouterr().out
     assert "outlier features, step 4" in out and "kurt / MMR / cos block_01" in out
-    for name in ("kurtosis.png", "mmr.png", "sigprop.png", "loss.png", "instruments.png"):
+    for name in ("kurtosis.png", "mmr.png", "sigprop.png", "loss.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 5000 and name in out
+    # GELU: no dead units, no small gains; an all-zero instruments figure is not drawn
+    assert "instruments.png not drawn: every instrument logged only zeros" in out
+    assert not (tmp_path / "plots/instruments.png").exists()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [("of/kurtosis/final" in r) for r in recs if "loss" in r]
     assert steps == [False, True, False, True]
     assert not any(k.startswith(PREFIXES) for r in recs if "val_loss" in r for k in r)
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "again")]) == 0
-    assert len(list((tmp_path / "again").glob("*.png"))) == 5  # collapse metrics: instruments
+    assert len(list((tmp_path / "again").glob("*.png"))) == 4
     assert main([*over, "metrics.sites=[block_09]"]) == 2
     assert "unknown site 'block_09'" in capsys.readouterr().out

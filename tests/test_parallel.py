@@ -96,17 +96,20 @@ def _train_save_eval(rank, over):
     trainer = Trainer(cfg, callbacks=[CheckpointCallback()])
     trainer.fit()
     ev = trainer.evaluate()["val_loss"]
-    return ev, full_named(trainer.named_params, trainer.mesh), trainer.step
+    return ev, full_named(trainer.named_params, trainer.mesh), trainer.step, trainer.facts
 
 
 def test_checkpoint_reshards_tp2_pp2_to_single(tiny_corpus, cache_dir, tmp_path):
     over = [*_base(tiny_corpus, cache_dir, tmp_path), "train.stages=[{name: a, steps: 2}]"]
     results = run_distributed(_train_save_eval, 4, [*over, "parallel.tp=2", "parallel.pp=2"])
     params = {}
-    for _, p, _ in results:
+    for _, p, _, _ in results:
         params.update(p)
-    ((ev1, p1, step),) = run_distributed(_train_save_eval, 1, over)  # resumes, nothing left to do
+    ((ev1, p1, step, facts),) = run_distributed(_train_save_eval, 1, over)  # resumes: no steps
     assert step == 2
+    # the start-up table's parameter count, summed over TP and PP, is the single process's
+    assert {r[3].num_params for r in results} == {facts.num_params}
+    assert {r[3].micro_batches for r in results} == {4}  # 8 / (2 per micro batch x dp 1)
     assert ev1 == pytest.approx(results[0][0], rel=1e-6)
     for name, t in p1.items():
         torch.testing.assert_close(params[name], t, rtol=0, atol=0, msg=name)

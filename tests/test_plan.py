@@ -139,3 +139,126 @@ def test_plan_tool_fits_refuses_and_rejects(single_process, capsys, tmp_path):
     # 48 GPUs: dp=6 does not divide the global batch of 512
     assert tool.main([op7b, "--gpus", "48"]) == 2
     assert "global_batch" in capsys.readouterr().out
+
+
+# GPU fast paths in the plan (issue 14): tiny Pre-Norm configs, all numbers by hand.
+FAST_OFF = [
+    "parallel.sequence_parallel=false",
+    "train.master_weights=false",
+    "parallel.overlap_grad_reduce=false",
+    "checkpoint.async_save=false",
+]
+
+
+def _pre(tmp_path: Path, *extra: str):
+    return _cfg(tmp_path, "model.block=pre", "model.norm=layernorm", *FAST_OFF, *extra)
+
+
+def test_sequence_parallel_divides_the_replicated_activations_by_tp(tmp_path):
+    from ofs_scale.analysis.plan import layer_activation_bytes
+
+    cfg = _pre(tmp_path, "parallel.tp=2")
+    d, tokens = cfg.model.d_model, 64
+    # fp32: two LayerNorm inputs (4 d each) and the qkv / MLP-up inputs (4 d each) per token
+    replicated = tokens * (2 * 4 * d + 2 * 4 * d)
+    plain = layer_activation_bytes(cfg, tokens)
+    assert plain - layer_activation_bytes(cfg, tokens, sp=True) == replicated // 2
+    on = plan(_pre(tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true"), gpus=2)
+    off = plan(cfg, gpus=2)
+    per_layer = cfg.train.micro_batch * cfg.data.seq_len * (2 * 4 * d + 2 * 4 * d) // 2
+    assert off.act_bytes - on.act_bytes == cfg.model.n_layers * per_layer
+    assert on.fast["sequence_parallel"] and not off.fast["sequence_parallel"]
+    # `auto` counts as on (the plan is for GPUs), but only with tp > 1
+    assert plan(_cfg(tmp_path, "parallel.tp=2"), gpus=2).fast["sequence_parallel"]
+    assert not plan(_cfg(tmp_path), gpus=1).fast["sequence_parallel"]
+    assert not plan(_cfg(tmp_path, "parallel.tp=2", "train.device=cpu"), gpus=2).fast[
+        "sequence_parallel"
+    ]
+
+
+def test_master_weights_staging_and_dp_communication_bytes(tmp_path):
+    bf16 = ["train.dtype=bf16"]
+    off = plan(_pre(tmp_path, *bf16), gpus=1)
+    on = plan(_pre(tmp_path, *bf16, "train.master_weights=true"), gpus=1)
+    n = on.params
+    assert (off.param_bytes, off.grad_bytes, off.master_bytes) == (4 * n, 4 * n, 0)
+    # bf16 weights + fp32 gradient buffers + fp32 masters: 2 + 4 + 4 bytes per parameter
+    assert (on.param_bytes, on.grad_bytes, on.master_bytes) == (2 * n, 4 * n, 4 * n)
+    assert on.static_bytes - off.static_bytes == 2 * n
+    # over DP=2 the masters are sharded with the optimizer state: the fullest rank owns less
+    dp2 = plan(_pre(tmp_path, *bf16, "train.master_weights=true", "optim.shard=true"), gpus=2)
+    assert 0 < dp2.master_bytes < 4 * n and dp2.param_bytes == 2 * n
+    # async checkpoints stage the rank's weights, masters and optimizer state in host RAM
+    assert dp2.staging_bytes == 0
+    staged = plan(
+        _pre(tmp_path, *bf16, "train.master_weights=true", "checkpoint.async_save=true"), gpus=2
+    )
+    assert staged.staging_bytes == staged.param_bytes + staged.master_bytes + staged.optim_bytes
+    # DP bytes per step: plain fp32 all-reduce + fp32 weight broadcast is 12 bytes/param
+    # (times (dp-1)/dp = 1/2); reduce-to-owner in bf16 + bf16 gather is 2 + 2
+    plain = plan(_pre(tmp_path, "optim.shard=true"), gpus=2).comm_bytes
+    assert plain["dp_reduce"] + plain["dp_gather"] == 12 * n // 2
+    fast = plan(
+        _pre(
+            tmp_path,
+            *bf16,
+            "optim.shard=true",
+            "train.master_weights=true",
+            "parallel.overlap_grad_reduce=true",
+            "parallel.grad_reduce_dtype=bf16",
+        ),
+        gpus=2,
+    ).comm_bytes
+    assert (fast["dp_reduce"], fast["dp_gather"]) == (2 * n // 2, 2 * n // 2)
+    assert plain["tp"] == plain["pp"] == 0
+
+
+def test_layout_ranking_picks_a_fitting_layout_and_counts_the_bubble(tmp_path, capsys):
+    from ofs_scale.analysis import plan_cli as tool
+    from ofs_scale.analysis.layouts import rank_layouts, step_model
+
+    cfg = _cfg(tmp_path, "train.global_batch=16", "train.dtype=bf16")
+    smallest = _cfg(tmp_path, "train.global_batch=16", "train.dtype=bf16", "train.micro_batch=1")
+    # 0.9 of what tp=1 x pp=1 needs at its smallest (micro batch 1, checkpointing): none fits
+    mem_gib = 1 + 0.9 * plan(smallest, gpus=4).total(True) / 2**30
+    ranked = rank_layouts(cfg, 4, gpu_mem_gib=mem_gib, reserve_gib=1)
+    layouts = {(x.tp, x.pp, x.micro_batch, x.checkpointing) for x in ranked}
+    assert (2, 2, 1, False) in layouts and (1, 1, 4, True) in layouts
+    fits = [x for x in ranked if x.fits]
+    assert fits and ranked[0].fits and (ranked[0].tp, ranked[0].pp) != (1, 1)
+    assert all(x.total_bytes <= (mem_gib - 1) * 2**30 for x in fits)
+    assert [x.step.step_s for x in fits] == sorted(x.step.step_s for x in fits)
+    assert not any(x.fits for x in ranked if (x.tp, x.pp) == (1, 1))
+    # the pipeline bubble is (pp - 1) / (m + pp - 1) of the step, m micro batches per DP rank
+    pp2 = _cfg(tmp_path, "train.global_batch=16", "parallel.pp=2", "train.micro_batch=2")
+    p = plan(pp2, gpus=2)
+    assert p.n_micro == 8
+    s = step_model(pp2, p)
+    assert s.bubble == pytest.approx(1 / 9) and 0 < s.mfu < 0.55
+    assert (
+        tool.main(
+            [
+                "--gpus",
+                "4",
+                "--rank",
+                "--gpu-mem",
+                str(mem_gib),
+                "--reserve",
+                "1",
+                *_overrides_for_cli(tmp_path),
+            ]
+        )
+        == tool.FITS
+    )
+    assert "fastest first" in capsys.readouterr().out
+
+
+def _overrides_for_cli(tmp_path: Path) -> list[str]:
+    overrides = tiny_overrides(Path("unused"), Path("unused"), tmp_path)
+    return [
+        str(ROOT / "configs/smoke.yaml"),
+        *overrides,
+        *PLAN_OVERRIDES,
+        "train.global_batch=16",
+        "train.dtype=bf16",
+    ]

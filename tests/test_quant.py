@@ -94,16 +94,17 @@ def _single(rank, overrides, run_dir):
     from ofs_scale.quant.__main__ import main as quant_main
     from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
     from ofs_scale.quant.spec import QuantSpec
-    from ofs_scale.trainer.checkpointing import CheckpointCallback
     from ofs_scale.trainer.loop import Trainer
 
-    trainer = Trainer(load_config(None, overrides), callbacks=[CheckpointCallback()])
+    trainer = Trainer(load_config(None, overrides))  # metrics.jsonl, OF metrics, checkpoints
     trainer.fit()
     fp_ppl = trainer.last_eval["val_ppl"]
     out = {"fp_ppl": fp_ppl}
     # The CLI end to end on the run directory (config.yaml written by the trainer); it tears
     # the process group down when done, so a fresh one follows.
     out["cli_rc"] = quant_main([str(run_dir), "--calib-batches", "2", "--device", "cpu"])
+    mid = run_dir / "checkpoints" / "step_000150"
+    out["mid_rc"] = quant_main([str(mid), "--calib-batches", "2", "--device", "cpu"])
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     run = load_run(resolve(run_dir))
     before = {n: p.detach().clone() for n, p in run.engine.model.named_parameters()}
@@ -171,6 +172,9 @@ def trained(tiny_corpus, cache_dir, tmp_path_factory):
         "train.stages=[{name: main, steps: 300, lr_schedule: constant}]",
         "optim.lr=3e-3",
         "train.eval_batches=2",
+        # a checkpoint and OF metrics mid-run too: its quantisation result is its own
+        "checkpoint.every=150",
+        "metrics.every=150",
     ]
     (single,) = run_distributed(_single, 1, overrides, run_dir)
     return run_dir, single
@@ -179,11 +183,21 @@ def trained(tiny_corpus, cache_dir, tmp_path_factory):
 def test_cli_writes_results_and_restores_weights(trained):
     run_dir, single = trained
     assert single["cli_rc"] == 0
-    result = json.loads((run_dir / "quant.json").read_text())
+    result = json.loads((run_dir / "quant_stage_main.json").read_text())
     assert set(result["results"]) == {"fp", "W8", "A8", "W8A8", "FP8-E4M3", "FP8-E5M2", "W4"}
     assert result["results"]["fp"]["val_ppl"] == pytest.approx(single["fp_ppl"], rel=1e-5)
     assert result["results"]["W8A8"]["val_ppl"] != result["results"]["fp"]["val_ppl"]
-    assert "| W8A8 |" in (run_dir / "quant.md").read_text()
+    assert "| W8A8 |" in (run_dir / "quant_stage_main.md").read_text()
+    assert result["step"] == result["kurtosis"]["step"] == 300
+    assert result["losses"]["val_ppl"] == pytest.approx(single["fp_ppl"], rel=1e-5)
+    # the mid-run checkpoint: its own file, its own step's metrics; the final one untouched
+    assert single["mid_rc"] == 0
+    mid = json.loads((run_dir / "quant_step_000150.json").read_text())
+    assert mid["step"] == mid["kurtosis"]["step"] == 150 and "loss" in mid["losses"]
+    assert mid["results"]["fp"]["val_loss"] != result["results"]["fp"]["val_loss"]
+    assert mid["kurtosis"]["kurtosis_max"] != result["kurtosis"]["kurtosis_max"]
+    assert json.loads((run_dir / "quant_stage_main.json").read_text()) == result
+    assert "OF metrics (step 150)" in (run_dir / "quant_step_000150.md").read_text()
     assert single["restored"]
     assert single["tied"] == {"head_rounded": True, "lookup_fp": True, "restored": True}
 

@@ -247,7 +247,7 @@ def test_miniature_130m_sweep_runs_through_launcher_quant_hook_and_report(
     assert len(index["points"]) == n_points == 4
     for point in index["points"]:
         run_dir = Path(point["out_dir"])
-        quant = json.loads((run_dir / "quant.json").read_text())
+        quant = json.loads((run_dir / "quant_stage_decay.json").read_text())
         assert quant["step"] == 3 and {"fp", "W8A8"} <= set(quant["results"])
         assert (run_dir / "checkpoints/stage_decay/ofs_meta.json").is_file()
     capsys.readouterr()

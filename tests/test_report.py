@@ -1,4 +1,5 @@
-"""The sweep report: rows gathered from sweep.json, metrics.jsonl and quant.json; the figure."""
+"""The sweep report: rows gathered from sweep.json, metrics.jsonl and the quantisation result of
+each point's last checkpoint; the figure."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import json
 
 import pytest
 
-from ofs_scale.analysis.report import ReportError, find_points, main, point_row, report
+from ofs_scale.analysis.report import (
+    ReportError,
+    find_points,
+    main,
+    point_label,
+    point_row,
+    report,
+)
 
 
 def _write_point(run_dir, kurt, loss, with_quant=True):
@@ -29,9 +37,12 @@ def _write_point(run_dir, kurt, loss, with_quant=True):
     records.append({"step": 20, "val_loss": 2.0, "val_ppl": 7.389})
     lines = [json.dumps(r) for r in records] + ['{"step": 21, "loss": 1.0']  # a torn last line
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # a result of an earlier checkpoint is never shown as the run's
+    early = {"step": 10, "results": {"W8A8": {"val_ppl": 99.0, "increase_pct": 1.0}}}
+    (run_dir / "quant_step_000010.json").write_text(json.dumps(early))
     if with_quant:
-        quant = {"results": {"W8A8": {"val_ppl": 9.0, "increase_pct": 21.8}}}
-        (run_dir / "quant.json").write_text(json.dumps(quant))
+        quant = {"step": 20, "results": {"W8A8": {"val_ppl": 9.0, "increase_pct": 21.8}}}
+        (run_dir / "quant_stage_main.json").write_text(json.dumps(quant))
 
 
 def test_report_gathers_every_point(tmp_path):
@@ -58,6 +69,10 @@ def test_report_gathers_every_point(tmp_path):
     assert "| 001_b |" in md and md.count("\n") == 4
     assert json.loads((sweep / "report.json").read_text())[0]["params"] == {"model.block": "pre"}
     assert (sweep / "kurtosis.png").stat().st_size > 1000
+    assert (sweep / "loss.png").stat().st_size > 1000  # training and validation loss per point
+    params = {"model.block": "op", "optim.name": "soap", "optim.lr": 1e-3}
+    assert point_label({"name": "000_a", "params": params}) == "block=op, optim=soap, lr=0.001"
+    assert point_label({"name": "run1", "params": {}}) == "run1"
 
 
 def test_report_without_index_and_bad_input(tmp_path):

@@ -21,7 +21,13 @@ import torch
 from ofs_scale.config import load_config
 from ofs_scale.data import prepare_corpus
 from tests.helpers import hook_calls, tiny_overrides
-from tests.slurm_cluster import CLIENT_TIMEOUT_S, JOB_BUDGET_S, SlurmCluster, skip_reason
+from tests.slurm_cluster import (
+    CLIENT_TIMEOUT_S,
+    JOB_BUDGET_S,
+    SlurmCluster,
+    module_cluster,
+    sbatch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGES = "train.stages=[{name: a, steps: 5, lr_schedule: constant}, {name: b, steps: 300}]"
@@ -33,16 +39,7 @@ pytestmark = pytest.mark.timeout(int(JOB_BUDGET_S) + 600)
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        if os.environ.get("OFS_REQUIRE_SLURM") == "1":
-            pytest.fail(f"OFS_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from module_cluster(tmp_path_factory)
 
 
 @pytest.fixture
@@ -65,17 +62,8 @@ def _sbatch(script: str, log: Path, overrides: list[str], *sbatch_args: str) -> 
     env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=str(ROOT / ".venv/bin/python"))
     env["OMP_NUM_THREADS"] = "1"  # the same thread count (and float sums) in both jobs
     env["CONFIG"] = "configs/smoke.yaml"
-    cmd = ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1", *sbatch_args]
-    res = subprocess.run(
-        [*cmd, str(ROOT / script), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLIENT_TIMEOUT_S,
-    )
-    assert res.returncode == 0, res.stderr
-    return res.stdout.strip().split(";")[0]
+    argv = [f"--output={log}", "--cpus-per-task=1", *sbatch_args, str(ROOT / script)]
+    return sbatch([*argv, *overrides], env, ROOT)
 
 
 def _records(run_dir: Path) -> list[dict]:

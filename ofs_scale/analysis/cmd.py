@@ -12,19 +12,24 @@ trajectories into M modes for M = 1..max-modes, and writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ofs_scale.instruments.cmd_online import load_trajectory
-from ofs_scale.metrics.cmd import CmdResult, decompose
+from ofs_scale.cli_args import command_parser
+
+if TYPE_CHECKING:  # torch-importing modules wait until the arguments are parsed
+    from ofs_scale.metrics.cmd import CmdResult
 
 
 def analyse(run_dir: Path, modes: int, max_modes: int) -> dict:
     """Decompose the trajectories of `run_dir`; returns the report (also written to disk)."""
+    from ofs_scale.instruments.cmd_online import load_trajectory
+    from ofs_scale.metrics.cmd import decompose
+
     steps, W_KT, names = load_trajectory(run_dir)
     if W_KT.shape[1] < 3:
         raise ValueError(
@@ -105,11 +110,7 @@ def plot(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ofs-scale cmd",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("cmd", __doc__)
     parser.add_argument("run_dir", help="a run directory (run.out_dir) trained with metrics.cmd")
     parser.add_argument("--modes", type=int, default=10, help="modes M for the detailed report")
     parser.add_argument("--max-modes", type=int, default=20, help="largest M of the error sweep")

@@ -15,7 +15,22 @@ megatron-core layers cut them (vocabulary padded per TP size) and assigned to pi
 * activations per micro batch and layer, counted as the tensors autograd keeps (see
   `layer_activation_bytes`), times the micro batches a 1F1B stage holds in flight; with activation
   checkpointing only each layer's input is kept plus one layer's full set during recompute;
-* FLOPs per token 6 N_matmul + 12 L T d (attention scores), and step time at a given MFU.
+* FLOPs per token 6 N_matmul + 12 L T d (model/flops.py), and step time at a given MFU.
+
+The GPU fast paths (config switches; the plan is for GPUs, so `auto` counts as on unless the
+config pins train.device=cpu):
+
+* `parallel.sequence_parallel` (tp > 1): the per-layer activations that are otherwise replicated
+  over TP ranks (residual stream, norm inputs and outputs, the inputs of the column layers) are
+  split along the sequence, so that part is divided by TP;
+* `train.master_weights` (dtype bf16): bf16 weights (2 bytes/param), fp32 gradient buffers
+  (4), and fp32 master weights (4) owned with the optimizer state, so sharded over DP with it;
+* `checkpoint.async_save`: host RAM per rank for the CPU staging copy of that rank's share of
+  the checkpoint (its weights, master weights and optimizer state);
+* communication bytes per step and GPU (`comm_bytes`): DP gradient reduction and weight
+  gather (reduce-to-owner with `parallel.overlap_grad_reduce` and a sharded optimizer; an
+  all-reduce otherwise), TP activation collectives, PP sends. analysis/layouts.py turns them
+  into an assumed MFU per layout and ranks layouts.
 """
 
 from __future__ import annotations
@@ -25,8 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ofs_scale.config import Config, OptimConfig, check_world
+from ofs_scale.config import Config, OptimConfig, check_world, switch_on
+from ofs_scale.config.checks import sequence_parallel_on
 from ofs_scale.model.blocks import BLOCKS
+from ofs_scale.model.flops import flops_per_token
 from ofs_scale.model.gpt import resolved
 from ofs_scale.model.shapes import param_count, stage_param_shapes
 from ofs_scale.optim.registry import OPTIMIZER_SPECS
@@ -35,6 +52,7 @@ from ofs_scale.parallel.tp import padded_vocab_size
 
 GIB = 1024**3
 F32 = 4
+BF16 = 2
 
 
 @dataclass
@@ -50,6 +68,7 @@ class Plan:
     param_bytes: int
     grad_bytes: int
     optim_bytes: int
+    """Optimizer state of the fullest DP rank (master weights apart, in master_bytes)."""
     act_bytes: int
     """Activations without activation checkpointing."""
     act_ckpt_bytes: int
@@ -60,11 +79,23 @@ class Plan:
     step_time_s: float
     mfu: float
     per_stage: list[dict[str, int]] = field(default_factory=list)
+    master_bytes: int = 0
+    """fp32 master weights the fullest DP rank owns (train.master_weights; 0 when off)."""
+    staging_bytes: int = 0
+    """Host RAM for the async checkpoint's CPU staging copy on one rank (0 when off)."""
+    comm_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes one GPU sends per step: `dp_reduce`, `dp_gather`, `tp`, `pp` (see comm_bytes)."""
+    fast: dict[str, bool] = field(default_factory=dict)
+    """The GPU fast paths counted: sequence_parallel, master_weights, overlap_grad_reduce,
+    async_save (each resolved as on CUDA)."""
+    micro_batch: int = 1
+    n_micro: int = 1
+    """Micro batches per DP rank and step."""
 
     @property
     def static_bytes(self) -> int:
-        """Parameters + gradients + optimizer state."""
-        return self.param_bytes + self.grad_bytes + self.optim_bytes
+        """Parameters + gradients + master weights + optimizer state."""
+        return self.param_bytes + self.grad_bytes + self.master_bytes + self.optim_bytes
 
     def total(self, checkpointing: bool) -> int:
         return self.static_bytes + (self.act_ckpt_bytes if checkpointing else self.act_bytes)
@@ -77,22 +108,26 @@ def optimizer_state_numel(shape: tuple[int, ...], cfg: OptimConfig, name: str = 
 
 
 def sharded_state_numel(
-    shapes: list[tuple[str, tuple[int, ...]]], cfg: OptimConfig, dp: int
-) -> int:
-    """Optimizer-state elements of the fullest DP rank under whole-tensor ownership."""
+    shapes: list[tuple[str, tuple[int, ...]]], cfg: OptimConfig, dp: int, master: bool = False
+) -> tuple[int, int]:
+    """(optimizer-state elements, owned parameter elements) of the fullest DP rank under
+    whole-tensor ownership; with `master` the owned parameters' fp32 masters count too."""
     named = [(n, torch.empty(s, device="meta")) for n, s in shapes]
     owners = assign_owners(named, OPTIMIZER_SPECS[cfg.name].cost, cfg, dp)
-    per_rank = [0] * dp
+    state, owned = [0] * dp, [0] * dp
     for n, s in shapes:
-        per_rank[owners[n]] += optimizer_state_numel(s, cfg, n)
-    return max(per_rank)
+        state[owners[n]] += optimizer_state_numel(s, cfg, n)
+        owned[owners[n]] += math.prod(s)
+    worst = max(range(dp), key=lambda r: state[r] + (owned[r] if master else 0))
+    return state[worst], owned[worst]
 
 
-def layer_activation_bytes(cfg: Config, tokens: int) -> int:
+def layer_activation_bytes(cfg: Config, tokens: int, sp: bool = False) -> int:
     """Bytes autograd keeps for one block's backward on one TP rank, for `tokens` tokens.
 
     Replicated over TP (fp32 residual stream, bf16 copies feeding the column layers): the two
-    norm inputs (pre/post blocks) and the inputs of qkv and MLP-up. Split over TP: qkv output,
+    norm inputs (pre/post blocks) and the inputs of qkv and MLP-up; sequence parallelism (`sp`)
+    splits this part along the sequence, dividing it by TP. Split over TP: qkv output,
     normed and rotated q and k, the attention output (SDPA keeps out + logsumexp), the MLP
     hidden before and after the activation (and the gate for SwiGLU)."""
     m, tp = cfg.model, cfg.parallel.tp
@@ -103,6 +138,8 @@ def layer_activation_bytes(cfg: Config, tokens: int) -> int:
     gate = f if resolved(m)["activation"] == "swiglu" else 0
     qk = 2 * d if resolved(m)["qk_norm"] else 0
     split = (3 * d + qk + 2 * d + 2 * d + 2 * f + gate) * half
+    if sp:
+        replicated //= tp  # exact: tp divides n_heads, which divides d_model
     return tokens * (replicated + split // tp)
 
 
@@ -117,51 +154,134 @@ def in_flight_micro_batches(cfg: Config, dp: int) -> int:
     return min(n_micro, p.pp * (2 if p.virtual_stages > 1 else 1))
 
 
-def flops_per_token(cfg: Config, total_params: int, embed_params: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + 12 L T d for attention scores."""
-    m = cfg.model
-    return 6.0 * (total_params - embed_params) + 12.0 * m.n_layers * cfg.data.seq_len * m.d_model
+def fast_paths(cfg: Config, dp: int) -> dict[str, bool]:
+    """The GPU fast paths of `cfg` as they resolve with `dp` data-parallel ranks: on CUDA,
+    unless the config pins train.device=cpu."""
+    p, t = cfg.parallel, cfg.train
+    cuda = t.device != "cpu"
+    return {
+        "sequence_parallel": sequence_parallel_on(cfg, cuda),
+        "master_weights": switch_on(t.master_weights, cuda, requires=t.dtype == "bf16"),
+        "overlap_grad_reduce": switch_on(p.overlap_grad_reduce, cuda, requires=dp > 1),
+        "async_save": switch_on(cfg.checkpoint.async_save, cuda),
+    }
 
 
-def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
-    """The plan of `cfg` on `gpus` GPUs (ValueError when the layout cannot be formed)."""
-    p = cfg.parallel
-    dp = check_world(cfg, gpus)
-    vocab = cfg.data.vocab_size
-    stages = stage_param_shapes(cfg, vocab)
+def comm_bytes(cfg: Config, dp: int, params: int, n_micro: int, fast: dict[str, bool]) -> dict:
+    """Bytes one GPU sends per step: `dp_reduce` and `dp_gather` for the gradients and weights
+    of its `params`, `tp` for the activation collectives of its layers, `pp` for the
+    stage-boundary sends.
+
+    DP, per parameter, times (dp-1)/dp: a sharded optimizer with overlap_grad_reduce reduces
+    each gradient to its owner (g bytes: 4 fp32, 2 with grad_reduce_dtype bf16) and the owners
+    send the updated weights (w: 2 bf16 with master weights, else 4); without overlap the
+    gradients are all-reduced (2g); an unsharded optimizer all-reduces only (2g). So 12 bytes per
+    parameter on the plain fp32 path, 2 + 2 on the fast bf16 path. TP: per layer and micro batch
+    two all-reduces forward and two backward of a tokens x d activation, 2(tp-1)/tp of it each
+    (with sequence parallelism the all-gather + reduce-scatter pairs move the same bytes), one
+    more forward with activation checkpointing. PP: the activation forward, its gradient back."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
     shard = dp > 1 if cfg.optim.shard is None else cfg.optim.shard
-    tokens_micro = cfg.train.micro_batch * cfg.data.seq_len
-    layer_act = layer_activation_bytes(cfg, tokens_micro)
+    g = BF16 if p.grad_reduce_dtype == "bf16" else F32
+    w = BF16 if fast["master_weights"] else F32
+    if shard and dp > 1:
+        reduce, gather = (g if fast["overlap_grad_reduce"] else 2 * g), w
+    else:
+        reduce, gather = 2 * g, 0
+    act = t.micro_batch * cfg.data.seq_len * m.d_model * (BF16 if t.dtype == "bf16" else F32)
+    passes = 6 if t.activation_checkpointing else 4
+    layers = math.ceil(m.n_layers / p.pp)
+    tp = layers * n_micro * passes * 2 * (p.tp - 1) * act // p.tp
+    boundary = act // p.tp if fast["sequence_parallel"] else act
+    return {
+        "dp_reduce": params * reduce * (dp - 1) // dp,
+        "dp_gather": params * gather * (dp - 1) // dp,
+        "tp": tp,
+        "pp": 2 * n_micro * boundary if p.pp > 1 else 0,
+    }
+
+
+def _stage_state(cfg: Config, dp: int, master: bool, cache: dict | None) -> list[dict]:
+    """Per pipeline stage: parameter numel, optimizer-state and owned-parameter numel of the
+    fullest DP rank; memoised in `cache` (the layouts search asks for the same shapes often)."""
+    p = cfg.parallel
+    shard = dp > 1 if cfg.optim.shard is None else cfg.optim.shard
+    key = (p.tp, p.pp, p.virtual_stages, dp, shard, master)
+    if cache is not None and key in cache:
+        return cache[key]
+    rows = []
+    for shapes in stage_param_shapes(cfg, cfg.data.vocab_size):
+        numel = sum(math.prod(sh) for _, sh in shapes)
+        if shard and dp > 1:
+            optim, owned = sharded_state_numel(shapes, cfg.optim, dp, master)
+        else:
+            optim = sum(optimizer_state_numel(sh, cfg.optim, n) for n, sh in shapes)
+            owned = numel
+        rows.append({"params": numel, "optim": optim, "owned": owned})
+    if cache is not None:
+        cache[key] = rows
+    return rows
+
+
+def plan(
+    cfg: Config,
+    gpus: int,
+    mfu: float = 0.4,
+    peak_tflops: float = 989.0,
+    cache: dict | None = None,
+) -> Plan:
+    """The plan of `cfg` on `gpus` GPUs (ConfigError when the layout cannot be formed);
+    `cache` (a dict) memoises shapes and counts across calls for configs that differ only in
+    layout (tp, pp, micro batch, checkpointing)."""
+    p, t = cfg.parallel, cfg.train
+    dp = check_world(cfg, gpus)
+    fast = fast_paths(cfg, dp)
+    master = fast["master_weights"]
+    vocab = cfg.data.vocab_size
+    tokens_micro = t.micro_batch * cfg.data.seq_len
+    layer_act = layer_activation_bytes(cfg, tokens_micro, fast["sequence_parallel"])
     n_flight = in_flight_micro_batches(cfg, dp)
     layers_per_stage = math.ceil(cfg.model.n_layers / p.pp)
     logits = tokens_micro * padded_vocab_size(vocab, p.tp) // p.tp * F32 * 2
+    # the block input kept under checkpointing is a residual-stream tensor: split by SP too
+    ckpt_input = tokens_micro * cfg.model.d_model * F32
+    if fast["sequence_parallel"]:
+        ckpt_input //= p.tp
+    weight = BF16 if master else F32
     rows = []
-    for s, shapes in enumerate(stages):
-        numel = sum(math.prod(sh) for _, sh in shapes)
-        if shard and dp > 1:
-            optim = sharded_state_numel(shapes, cfg.optim, dp)
-        else:
-            optim = sum(optimizer_state_numel(sh, cfg.optim, n) for n, sh in shapes)
+    for s, st in enumerate(_stage_state(cfg, dp, master, cache)):
         head = logits if s == p.pp - 1 else 0
-        act = n_flight * layers_per_stage * layer_act + head
-        ckpt_input = tokens_micro * cfg.model.d_model * F32
-        act_ckpt = n_flight * layers_per_stage * ckpt_input + layer_act + head
         rows.append(
-            {"params": numel, "optim": optim * F32, "act": act, "act_ckpt": act_ckpt, "stage": s}
+            {
+                "params": st["params"],
+                "optim": st["optim"] * F32,
+                "master": st["owned"] * F32 if master else 0,
+                "act": n_flight * layers_per_stage * layer_act + head,
+                "act_ckpt": n_flight * layers_per_stage * ckpt_input + layer_act + head,
+                "stage": s,
+            }
         )
-    worst = max(rows, key=lambda r: r["params"] * 2 * F32 + r["optim"] + r["act"])
-    total_params = param_count(cfg, vocab)
-    embed = padded_vocab_size(vocab, 1) * cfg.model.d_model
-    fpt = flops_per_token(cfg, total_params, embed)
-    tokens_step = cfg.train.global_batch * cfg.data.seq_len
+    worst = max(
+        rows, key=lambda r: r["params"] * (weight + F32) + r["master"] + r["optim"] + r["act"]
+    )
+    if cache is None or "total_params" not in cache:  # the same for every layout
+        total = param_count(cfg, vocab)
+        cache = {} if cache is None else cache
+        cache["total_params"] = total
+    total_params = cache["total_params"]
+    fpt = flops_per_token(cfg, vocab)
+    tokens_step = t.global_batch * cfg.data.seq_len
     step_time = fpt * tokens_step / (gpus * peak_tflops * 1e12 * mfu)
+    n_micro = t.global_batch // (t.micro_batch * dp)
+    param_bytes = worst["params"] * weight
+    staging = param_bytes + worst["master"] + worst["optim"] if fast["async_save"] else 0
     return Plan(
         gpus=gpus,
         tp=p.tp,
         pp=p.pp,
         dp=dp,
         params=worst["params"],
-        param_bytes=worst["params"] * F32,
+        param_bytes=param_bytes,
         grad_bytes=worst["params"] * F32,
         optim_bytes=worst["optim"],
         act_bytes=worst["act"],
@@ -172,4 +292,10 @@ def plan(cfg: Config, gpus: int, mfu: float = 0.4, peak_tflops: float = 989.0) -
         step_time_s=step_time,
         mfu=mfu,
         per_stage=rows,
+        master_bytes=worst["master"],
+        staging_bytes=staging,
+        comm_bytes=comm_bytes(cfg, dp, worst["params"], n_micro, fast),
+        fast=fast,
+        micro_batch=t.micro_batch,
+        n_micro=n_micro,
     )

@@ -5,13 +5,15 @@ ofs-scale report SWEEP_DIR [--quant-missing]
 Reads `sweep.json` (written by `ofs-scale launch submit --sweep`), or, without it, every
 subdirectory that has a metrics.jsonl. Per point: final training loss, validation perplexity,
 final max/mean residual-stream kurtosis and max MMR, and the int8 W8A8 perplexity and its
-increase from the point's quant.json (`--quant-missing` runs the evaluation where it is absent).
-Writes report.md, report.json and kurtosis.png into the sweep directory.
+increase from the point's quant_<checkpoint>.json of its last step (`--quant-missing` runs the
+evaluation where it is absent; a result of an earlier checkpoint is not shown).
+Writes report.md, report.json, kurtosis.png (max and mean residual kurtosis) and loss.png
+(training and validation loss) into the sweep directory; figure lines are labelled by the swept
+values (`block=op, lr=0.001`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,10 +23,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ofs_scale.cli_args import command_parser
 from ofs_scale.console import console
 from ofs_scale.metrics.records import load_records
 from ofs_scale.quant.hook import quant_command
-from ofs_scale.quant.table import kurtosis_summary
+from ofs_scale.quant.table import kurtosis_summary, result_at_step
 
 COLUMNS = [
     ("point", "point"),
@@ -39,7 +42,7 @@ COLUMNS = [
     ("E4M3 increase", "fp8_e4m3_increase_pct"),
     ("W4 increase", "w4_increase_pct"),
 ]
-# extra quant.json rows shown as their perplexity increase (absent in older results: "-")
+# extra result rows shown as their perplexity increase (absent in older results: "-")
 EXTRA_ROWS = {"fp8_e4m3_increase_pct": "FP8-E4M3", "w4_increase_pct": "W4"}
 
 
@@ -65,6 +68,11 @@ def find_points(sweep_dir: Path) -> list[dict[str, Any]]:
     return [{"name": d.name, "params": {}, "out_dir": d} for d in runs]
 
 
+def last_step(records: list[dict[str, Any]]) -> int | None:
+    """The last step a run logged (its final checkpoint's step once it has finished)."""
+    return max((r["step"] for r in records), default=None)
+
+
 def point_row(point: dict[str, Any]) -> dict[str, Any]:
     """The table row of one point (None where a value is not available yet)."""
     run_dir = point["out_dir"]
@@ -80,8 +88,8 @@ def point_row(point: dict[str, Any]) -> dict[str, Any]:
     }
     k = kurtosis_summary(records) or {}
     row.update({key: k.get(key) for key in ("kurtosis_max", "kurtosis_mean", "mmr_max")})
-    quant = run_dir / "quant.json"
-    results = json.loads(quant.read_text())["results"] if quant.is_file() else {}
+    # the quantisation result of the run's last checkpoint only: never another step's
+    results = (result_at_step(run_dir, last_step(records)) or {}).get("results", {})
     w8a8 = results.get("W8A8", {})
     row["w8a8_ppl"], row["w8a8_increase_pct"] = w8a8.get("val_ppl"), w8a8.get("increase_pct")
     for key, name in EXTRA_ROWS.items():
@@ -107,49 +115,52 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kurtosis_figure(points: list[dict[str, Any]], path: Path) -> Path | None:
-    """Max and mean residual kurtosis against step, one line per point; None without data."""
-    import matplotlib
+def point_label(point: dict[str, Any]) -> str:
+    """A figure label naming what the point sweeps (`block=op, optim=soap, lr=0.001`), not its
+    directory; the directory name when the sweep has no parameters."""
+    params = point.get("params") or {}
+    if not params:
+        return str(point["name"])
+    parts = []
+    for key, value in params.items():
+        section, _, field = key.rpartition(".")
+        # `optim.name=soap` reads as `optim=soap`; other keys by their field name
+        parts.append(f"{section if field == 'name' and section else field}={value}")
+    return ", ".join(parts)
 
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    drawn = False
-    for point in points:
-        records = load_records(point["out_dir"] / "metrics.jsonl")
-        for ax, key in zip(axes, ("of/kurtosis_max", "of/kurtosis_mean")):
-            pts = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), float)]
-            if pts:
-                ax.plot(*zip(*pts), label=point["name"])
-                drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax, title in zip(axes, ("max over residual sites", "mean over residual sites")):
-        ax.set_title(f"kurtosis, {title}")
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def sweep_figures(points: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
+    """kurtosis.png (max and mean residual kurtosis) and loss.png (training and validation loss)
+    against step, one line per point that has started; those with data."""
+    from ofs_scale.metrics.compare import write_comparison  # matplotlib: only when drawing
+
+    points = [p for p in points if (p["out_dir"] / "metrics.jsonl").is_file()]
+    labels = [point_label(p) for p in points]
+    if len(set(labels)) < len(labels):  # parameters that do not tell points apart
+        labels = [f"{p['name']}: {lab}" for p, lab in zip(points, labels, strict=True)]
+    dirs = [p["out_dir"] for p in points]
+    figures = [
+        ("kurtosis.png", ("kurtosis_max", "kurtosis_mean")),
+        ("loss.png", ("loss", "val_loss")),
+    ]
+    written = [write_comparison(dirs, sweep_dir / name, panels, labels) for name, panels in figures]
+    return [p for p in written if p is not None]
 
 
 def run_missing_quant(points: list[dict[str, Any]]) -> None:
-    """Run the int8 evaluation for every point that has checkpoints but no quant.json."""
+    """Run the int8 evaluation for every point that has checkpoints but no result for its
+    last step."""
     for p in points:
         run_dir = p["out_dir"]
-        if (run_dir / "quant.json").is_file() or not (run_dir / "checkpoints").is_dir():
+        step = last_step(load_records(run_dir / "metrics.jsonl"))
+        if result_at_step(run_dir, step) is not None or not (run_dir / "checkpoints").is_dir():
             continue
         console.print(f"[quant] evaluating {run_dir}", markup=False)
         subprocess.run(quant_command(run_dir), check=False)
 
 
 def report(sweep_dir: Path, quant_missing: bool = False) -> list[dict[str, Any]]:
-    """Build the rows, print the table and write report.md, report.json and kurtosis.png."""
+    """Build the rows, print the table and write report.md, report.json and the figures."""
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir} is not a directory; pass a sweep directory")
     points = find_points(sweep_dir)
@@ -165,20 +176,19 @@ def report(sweep_dir: Path, quant_missing: bool = False) -> list[dict[str, Any]]
     Console(width=max(console.width, 150)).print(table)
     (sweep_dir / "report.md").write_text(markdown(rows))
     (sweep_dir / "report.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    fig = kurtosis_figure(points, sweep_dir / "kurtosis.png")
-    console.print(f"wrote {sweep_dir / 'report.md'}, report.json" + (f", {fig}" if fig else ""))
+    figs = "".join(f", {f.name}" for f in sweep_figures(points, sweep_dir))
+    console.print(f"wrote {sweep_dir / 'report.md'}, report.json{figs}")
     if any(r["w8a8_ppl"] is None for r in rows):
-        console.print("some points have no quant.json yet: rerun with --quant-missing")
+        console.print(
+            "some points have no quantisation result for their last step: rerun with "
+            "--quant-missing"
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
-    parser = argparse.ArgumentParser(
-        prog="ofs-scale report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("report", __doc__)
     parser.add_argument("sweep_dir", help="the sweep directory (with sweep.json)")
     parser.add_argument(
         "--quant-missing", action="store_true", help="run int8 evaluation where it is missing"

@@ -9,11 +9,11 @@ and exits 1 when any is incomplete, truncated or changed since it was saved.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ofs_scale.checkpoint.integrity import DCP_METADATA, LATEST, META, read_meta, verify_dir
+from ofs_scale.cli_args import command_parser
 
 
 def checkpoint_dirs(path: Path) -> list[Path]:
@@ -40,11 +40,7 @@ def describe(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `ofs-scale ckpt list|verify`; exit status 1 when a verified checkpoint is bad."""
-    parser = argparse.ArgumentParser(
-        prog="ofs-scale ckpt",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("ckpt", __doc__)
     parser.add_argument("action", choices=["list", "verify"])
     parser.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
+# torch.distributed.checkpoint is imported where DCP files are read or DCP errors caught, so
+# `ofs-scale ckpt --help` and the checksum code load without torch
 
 META = "ofs_meta.json"
 LATEST = "latest"
@@ -68,6 +68,8 @@ def truncation_problem(path: Path) -> str | None:
     if problem := incompleteness(path):
         return problem
     try:
+        from torch.distributed.checkpoint import FileSystemReader
+
         meta = read_meta(path)
         md = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
@@ -141,6 +143,8 @@ def verify_dir(path: Path) -> str | None:
 
 def root_cause(e: BaseException) -> str:
     """The first error DCP collected from a rank (or `e` itself), as `Type: message`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
     return f"{type(e).__name__}: {str(e)[:300]}"
@@ -149,6 +153,8 @@ def root_cause(e: BaseException) -> str:
 @contextlib.contextmanager
 def write_errors(name: str, tmp: Path) -> Iterator[None]:
     """Turn a failed write into a CheckpointError naming the checkpoint and the fix."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         yield
     except CheckpointError:

@@ -11,6 +11,12 @@ Layout under the checkpoint directory:
 A save writes into `.tmp-<name>`, adds `ofs_meta.json` (step, layout, fingerprint, whether the
 weights were healthy, a crc32 per file) once every rank has written, renames the directory into
 place and only then updates `latest`: a crash at any point leaves the previous checkpoint intact.
+
+With `async_save` (`checkpoint.async_save`), DCP stages the state to CPU memory (a copy, so
+training may change the weights right away) and a background thread writes it; the commit above
+(checksums, rename, `latest`, pruning) waits for that write on every rank and runs at the next
+save, before any reading of the directory, and when training ends (`wait`). Until then the
+previous checkpoint stays `latest`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor
 
 from ofs_scale.checkpoint.integrity import (
@@ -51,6 +60,18 @@ RESUMED_FROM = "resumed_from"
 POLICIES = ("last_healthy", "latest")
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose background write may still run: committed by `wait`."""
+
+    name: str
+    step: int
+    future: Future
+    """Done when the write is: this rank's share of the checksums (see `_sums_after`)."""
+    health: dict[str, Any]
+    """The weights' health when the save began (they change while the write runs)."""
+
+
 def commit_dir(tmp: Path, final: Path) -> None:
     """Move a fully written checkpoint into place (replacing one of the same name)."""
     old = final.with_name(final.name + ".old")
@@ -69,6 +90,7 @@ class CheckpointManager:
     run's later checkpoints then take over). `verify`: check the recorded crc32 before loading.
     `move_later`: after a resume, move checkpoints past the resumed one to `.abandoned/` (off
     for readers such as quantisation eval, which must not change a run directory).
+    `async_save`: write in the background and commit later (see the module docstring).
     """
 
     def __init__(
@@ -80,6 +102,7 @@ class CheckpointManager:
         resume_from: str = "last_healthy",
         verify: bool = True,
         move_later: bool = True,
+        async_save: bool = False,
     ) -> None:
         self.root = Path(root)
         self.mesh = mesh
@@ -90,6 +113,10 @@ class CheckpointManager:
         self.resume_from = resume_from
         self.verify = verify
         self.move_later = move_later
+        self.async_save = async_save
+        self.pending: PendingSave | None = None
+        self._group: dist.ProcessGroup | None = None  # gloo group of the background writes
+        self._stager: DefaultStager | None = None  # CPU copies of the state, reused
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -109,15 +136,86 @@ class CheckpointManager:
         self, name: str, state: dict[str, Any], step: int, shards: dict[str, Any] | None = None
     ) -> Path:
         """Write `state` (and `shards`, see save_shard_state) as checkpoint `name` atomically;
-        returns its final path."""
+        returns its final path (where it will be once committed, with `async_save`)."""
         tmp = self.begin(name)
         with write_errors(name, tmp):
-            dcp.save(state, checkpoint_id=str(tmp))
+            # first, so that every file but DCP's exists before a background write begins
             save_shard_state(tmp, self.mesh, shards or {})
-        return self.commit(name, state, step)
+            if self.async_save:
+                write = dcp.async_save(
+                    state,
+                    checkpoint_id=str(tmp),
+                    process_group=self.group(),
+                    async_stager=self.stager(),
+                )
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+        if not self.async_save:
+            return self.commit(name, state, step)
+        self.pending = PendingSave(name, step, self._sums_after(write, tmp), self.health(state))
+        return self.root / name
+
+    def _sums_after(self, write: Future, tmp: Path) -> Future:
+        """A future of this rank's share of the checksums of `tmp`, computed in the background
+        once `write` is done (DCP's write ends with a collective step after every rank's files
+        and the metadata are written, so every rank lists the same files then)."""
+        sums: Future = Future()
+
+        def after(done: Future) -> None:
+            try:
+                done.result()
+                files = saved_files(tmp)
+                sums.set_result(checksums(tmp, files[self.mesh.rank :: self.mesh.world_size]))
+            except BaseException as e:  # DCP's CheckpointException included
+                sums.set_exception(e)
+
+        write.add_done_callback(after)
+        return sums
+
+    def stager(self) -> DefaultStager:
+        """The stager of async saves, kept for the run: it copies the state into the CPU
+        buffers of the previous save (pinned on CUDA) instead of allocating them anew each time
+        (a copy of the state stays in host memory). Reuse is safe because a save always waits
+        for the previous one's write first."""
+        if self._stager is None:
+            pinned = self.mesh.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
+        return self._stager
+
+    def group(self) -> dist.ProcessGroup:
+        """The process group of background writes (collective on first use): a gloo group of
+        its own, so their collectives never interleave with training's on the default group."""
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def wait(self) -> None:
+        """Finish the pending background save, if any: wait for its write on every rank, then
+        commit it; when any rank's write failed, raise CheckpointError on every rank and leave
+        the previous checkpoint as `latest` (collective)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        tmp = self.root / f".tmp-{pending.name}"
+        error, sums = "", {}
+        try:
+            sums = pending.future.result()
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            error = root_cause(e)
+        failed = torch.tensor([float(bool(error))], device=self.mesh.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise CheckpointError(
+                f"writing checkpoint {pending.name} into {tmp} failed in the background "
+                f"({error or 'on another rank'}); the previous checkpoints are intact; free disk "
+                f"space or fix permissions of {tmp.parent}, then resume"
+            )
+        self.commit(pending.name, {}, pending.step, health=pending.health, sums=sums)
 
     def begin(self, name: str) -> Path:
-        """Clear and return the temporary directory of checkpoint `name` (collective)."""
+        """Finish any pending save, then clear and return the temporary directory of checkpoint
+        `name` (collective)."""
+        self.wait()
         tmp = self.root / f".tmp-{name}"
         if self.mesh.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -125,13 +223,22 @@ class CheckpointManager:
         dist.barrier()
         return tmp
 
-    def commit(self, name: str, state: dict[str, Any], step: int, **meta: Any) -> Path:
-        """After every rank wrote `.tmp-<name>`: record health and checksums in ofs_meta.json,
-        rename it into place, move `latest`, prune (collective)."""
+    def commit(
+        self,
+        name: str,
+        state: dict[str, Any],
+        step: int,
+        health: dict[str, Any] | None = None,
+        sums: dict[str, Any] | None = None,
+        **meta: Any,
+    ) -> Path:
+        """After every rank wrote `.tmp-<name>`: record health (of `state`, unless given) and
+        checksums (this rank's share `sums`, unless computed here) in ofs_meta.json, rename it
+        into place, move `latest`, prune (collective)."""
         tmp, final = self.root / f".tmp-{name}", self.root / name
-        health = self.health(state)
+        health = health or self.health(state)
         dist.barrier()
-        files = self._checksums(tmp)
+        files = self._checksums(tmp, sums)
         error = [""]
         if self.mesh.rank == 0:
             record = {**self.meta(name, step), **meta, **health, "files": files}
@@ -152,22 +259,31 @@ class CheckpointManager:
 
     def health(self, state: dict[str, Any]) -> dict[str, Any]:
         """Whether the model weights in `state` are finite on every rank, and the trainer's
-        non-finite streak; healthy = both fine (collective)."""
+        non-finite streak; healthy = both fine (collective). A finite sum means every entry is
+        finite (NaN and inf propagate), so only a tensor whose sum is not finite (a non-finite
+        entry, or an overflow) is checked entry by entry: one reduction per tensor, no mask as
+        large as the weights, in the common case."""
+        weights = [
+            v.to_local() if isinstance(v, DTensor) else v
+            for key, v in state.items()
+            if key.startswith("model/") and isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
         finite = True
-        for key, v in state.items():
-            if key.startswith("model/") and isinstance(v, torch.Tensor) and v.is_floating_point():
-                local = v.to_local() if isinstance(v, DTensor) else v
-                finite = finite and bool(torch.isfinite(local).all())
+        if weights:
+            sum_ok = torch.isfinite(torch.stack([w.sum().float() for w in weights])).tolist()
+            finite = all(ok or bool(torch.isfinite(w).all()) for w, ok in zip(weights, sum_ok))
         flag = torch.tensor([float(finite)], device=self.mesh.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         streak = int(state.get("extra", {}).get("bad_streak", 0))
         ok = bool(flag.item())
         return {"finite": ok, "bad_streak": streak, "healthy": ok and streak == 0}
 
-    def _checksums(self, tmp: Path) -> dict[str, Any]:
-        """crc32 of every file under `tmp`, the files split over the ranks (collective)."""
-        files = saved_files(tmp)
-        mine = checksums(tmp, files[self.mesh.rank :: self.mesh.world_size])
+    def _checksums(self, tmp: Path, mine: dict[str, Any] | None = None) -> dict[str, Any]:
+        """crc32 of every file under `tmp`, the files split over the ranks (collective);
+        `mine`: this rank's share, when already computed."""
+        if mine is None:
+            files = saved_files(tmp)
+            mine = checksums(tmp, files[self.mesh.rank :: self.mesh.world_size])
         parts: list[Any] = [None] * self.mesh.world_size
         dist.all_gather_object(parts, mine)
         return {k: v for part in parts for k, v in part.items()}
@@ -232,6 +348,7 @@ class CheckpointManager:
     def mark_unhealthy(self, from_step: int, reason: str) -> None:
         """Record in ofs_meta.json that the checkpoints at `from_step` and later hold diverged
         weights (`reason`), so that `last_healthy` skips them (collective)."""
+        self.wait()
         if self.mesh.rank == 0:
             for p in self.candidates():
                 meta = _meta_or_empty(p)
@@ -288,6 +405,7 @@ class CheckpointManager:
         none. Collective. Raises CheckpointError, leaving every checkpoint as it is, when one
         was written for another model (fingerprint) or none of several is usable: a fresh start
         would overwrite them."""
+        self.wait()
         rank0 = self.mesh.rank == 0
         box = [self._plan() if rank0 else None]
         dist.broadcast_object_list(box, src=0)

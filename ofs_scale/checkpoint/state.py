@@ -67,7 +67,7 @@ def training_state(
 
 
 # Model settings that only shape the initialisation: a resumed run may change them freely.
-_INIT_ONLY = {"init_std", "scale_out_init", "bln_data_init"}
+_INIT_ONLY = {"init_std", "scale_out_init", "bln_data_init", "bln_init_min_sigma"}
 
 
 def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
@@ -85,3 +85,9 @@ def checkpoint_fingerprint(cfg: Config) -> dict[str, Any]:
         section, name = key.split(".")
         fp[key] = getattr(getattr(cfg, section), name)
     return json.loads(json.dumps(fp))  # as it reads back from ofs_meta.json
+
+
+def weights_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fingerprint that the model weights alone depend on (model and data keys):
+    what must match to load weights without the optimizer state."""
+    return {k: v for k, v in fingerprint.items() if k.startswith(("model.", "data."))}

@@ -3,7 +3,7 @@ data-parallel size a world size gives."""
 
 from __future__ import annotations
 
-from ofs_scale.config.schema import Config, ConfigError
+from ofs_scale.config.schema import Config, ConfigError, switch_on
 from ofs_scale.optim.registry import OPTIMIZER_SPECS
 
 
@@ -77,6 +77,10 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _check_counts(cfg, need)
     need(m.bln_weight >= 0, f"model.bln_weight={m.bln_weight} must be >= 0")
+    need(
+        m.bln_init_min_sigma >= 0,
+        f"model.bln_init_min_sigma={m.bln_init_min_sigma} must be >= 0 (0: no floor)",
+    )
     need(cfg.metrics.sequences >= 0, f"metrics.sequences={cfg.metrics.sequences} must be >= 0")
     need(
         cfg.optim.soap_mode in ("published", "ofs"),
@@ -106,6 +110,12 @@ def validate(cfg: Config) -> None:
         "parallel.virtual_stages > 1 needs parallel.schedule=interleaved",
     )
     need(
+        t.master_weights is not True or t.dtype == "bf16",
+        "train.master_weights=true keeps fp32 masters of bf16 weights and needs train.dtype=bf16; "
+        "set train.dtype=bf16 or train.master_weights=auto",
+    )
+    need(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be positive")
+    need(
         not (p.pp > 1 and m.tie_embeddings),
         "model.tie_embeddings is not supported with parallel.pp > 1 (embedding and head live on "
         "different stages); set model.tie_embeddings=false",
@@ -124,11 +134,42 @@ def validate(cfg: Config) -> None:
             f"(got {cfg.optim.name!r}): DeepSpeed's flat partitions cut matrices apart; use "
             f"train.engine=native for {others}",
         )
+    blockers = sequence_parallel_blockers(cfg)
+    need(
+        p.sequence_parallel is not True or p.tp == 1 or not blockers,
+        f"parallel.sequence_parallel=true, but {'; '.join(blockers)}; fix that, or set "
+        "parallel.sequence_parallel=auto (off where it cannot run) or false",
+    )
     chunks = p.pp * p.virtual_stages
     need(
         m.n_layers >= chunks,
         f"model.n_layers={m.n_layers} is fewer than pipeline chunks pp*virtual_stages={chunks}",
     )
+
+
+def sequence_parallel_blockers(cfg: Config) -> list[str]:
+    """Why sequence parallelism cannot run with this config at tp > 1 (empty when it can)."""
+    p, out = cfg.parallel, []
+    if cfg.data.seq_len % p.tp:
+        out.append(f"data.seq_len={cfg.data.seq_len} is not a multiple of parallel.tp={p.tp}")
+    if cfg.model.norm in ("batchless", "psbn"):
+        out.append(
+            f"model.norm={cfg.model.norm} takes statistics over the tokens it sees, which "
+            "would be one TP rank's part of the sequence"
+        )
+    if cfg.train.engine == "deepspeed":
+        out.append("train.engine=deepspeed reduces gradients itself; use train.engine=native")
+    return out
+
+
+def sequence_parallel_on(cfg: Config, cuda: bool) -> bool:
+    """Whether the residual stream is split along the sequence over TP: never at tp=1 (so a
+    run's config with `true` still loads at tp=1, e.g. for evaluation), else as set, and for
+    `auto` on with CUDA where nothing in `sequence_parallel_blockers` stops it."""
+    if cfg.parallel.tp == 1:
+        return False
+    blocked = bool(sequence_parallel_blockers(cfg))
+    return switch_on(cfg.parallel.sequence_parallel, cuda, requires=not blocked)
 
 
 def check_world(cfg: Config, world_size: int) -> int:
@@ -159,6 +200,11 @@ def _check_counts(cfg: Config, need) -> None:
     c, t = cfg.checkpoint, cfg.train
     need(cfg.model.ffn_mult > 0, f"model.ffn_mult={cfg.model.ffn_mult} must be positive")
     need(cfg.logging.every >= 1, f"logging.every={cfg.logging.every} must be >= 1 (1: every step)")
+    peak = cfg.logging.peak_tflops
+    need(
+        peak == "auto" or peak > 0,
+        f"logging.peak_tflops={peak} must be positive (one device's peak TFLOP/s) or auto",
+    )
     need(c.every >= 0, f"checkpoint.every={c.every} must be >= 0 (0: only at stage ends)")
     need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: only at stage ends)")
     need(
@@ -169,4 +215,19 @@ def _check_counts(cfg: Config, need) -> None:
     need(
         c.resume_from.strip() != "",
         "checkpoint.resume_from is empty; use last_healthy, latest or a checkpoint directory",
+    )
+    need(
+        not (c.init_from and c.resume_from not in ("last_healthy", "latest")),
+        f"checkpoint.init_from={c.init_from} and checkpoint.resume_from={c.resume_from} both name "
+        "a checkpoint; resume_from continues a run at its step, init_from starts a new one at "
+        "step 0: set only one",
+    )
+    need(
+        not (c.init_from and t.engine == "deepspeed"),
+        "checkpoint.init_from needs train.engine=native (DeepSpeed keeps its own master "
+        "weights); start the run with the native engine, or resume with checkpoint.resume_from",
+    )
+    need(
+        c.init_from != "" or not c.init_optimizer,
+        "checkpoint.init_optimizer=true needs checkpoint.init_from=<checkpoint directory>",
     )

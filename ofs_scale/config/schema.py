@@ -128,6 +128,10 @@ class ModelConfig:
     bln_data_init: bool = False
     """Batchless norm: set mu/sigma from the first training micro batch (off keeps 1 x 8 and
     8 x 1 micro batching bit-for-bit comparable from step 0)."""
+    bln_init_min_sigma: float = 0.3
+    """Batchless data init: sigma starts at no less than this (caps the norm's gain 1/sigma;
+    Adam moves log sigma by only ~lr per step, so a sigma set to a small residual stream's
+    scale cannot follow its growth and training diverges; docs/instruments.md). 0: no floor."""
     psbn_alpha: float = 0.1
     """Post-shift added after the affine transform of psBN."""
 
@@ -235,6 +239,10 @@ class OptimConfig:
     """SOAP/Shampoo: steps between preconditioner updates."""
     max_precond_dim: int = 10000
     """SOAP/Shampoo: a side larger than this gets no factor (SOAP) or is blocked (Shampoo)."""
+    precond_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """SOAP/Shampoo: precision of the matmuls of the basis / root refresh (eigh and QR stay
+    fp32): `fp32`, `tf32` (emulated by rounding on CPU) or `bf16`. fp32 by default: reduced
+    precision moves SOAP's next update by 36% (tf32) to 200% (bf16); docs/optimizers.md."""
     shampoo_beta: float | None = None
     """SOAP/Shampoo: EMA factor of L and R (default: beta2)."""
     start_preconditioning_step: int = 10
@@ -333,7 +341,15 @@ class CheckpointConfig:
     resume_from: str = "last_healthy"
     """Which checkpoint a restarted run resumes: `last_healthy` (the newest whose weights were
     finite and not in a non-finite streak), `latest` (the newest usable), or a checkpoint
-    directory (used once; the run's own later checkpoints take over)."""
+    directory (used once; the run's own later checkpoints take over). Either way the run goes
+    on with the saved step, data order and RNG."""
+    init_from: str = ""
+    """A checkpoint directory (or a run directory: its newest checkpoint) to start this run
+    from at step 0, for fine-tuning or branching a run at a step into a new run.out_dir: its
+    weights, and its optimizer state with `init_optimizer`. Used only while the run has no
+    checkpoint of its own (a restart resumes its own). Any layout loads into any other."""
+    init_optimizer: bool = False
+    """With `init_from`: load the optimizer state too (moments, step counts), not only weights."""
     verify: bool = True
     """Check every file's recorded crc32 before loading (about 5 GB/s per rank)."""
     async_save: Switch = "auto"
@@ -351,6 +367,19 @@ class LoggingConfig:
     """Write a metrics.jsonl record every N steps."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    entity: str = ""
+    """wandb entity (team or user) the run is logged under (empty: your default entity)."""
+    group: str = ""
+    """wandb group, e.g. a sweep's name, to see its runs together (empty: none)."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    wandb_name: str = ""
+    """wandb run name (empty: `run.name`, plus `/<last part of run.out_dir>` when that differs,
+    so runs sharing a YAML but not an out_dir get distinct names)."""
+    peak_tflops: float | Literal["auto"] = "auto"
+    """Peak TFLOP/s of one device that MFU is measured against (`mfu` = model FLOP/s per device
+    / peak). `auto`: 989 (H100 SXM, bf16 dense) on CUDA, 1 on CPU (a nominal figure: set your
+    CPU's for a meaningful CPU MFU)."""
 
 
 @dataclass
@@ -380,6 +409,11 @@ class LaunchConfig:
     (USR1 for slurm/*.sh, USR2 for submitit); must cover one step plus one checkpoint."""
     max_requeues: int = 20
     """Time-limit requeues a submitit job may do before it gives up."""
+    max_restarts: int = 0
+    """torchrun --max-restarts: times the ranks of a node are restarted after one fails; they
+    resume from the newest checkpoint. Above 0 the submitit launcher starts a single run as one
+    torchrun per node instead of one task per rank (sweeps keep one task per rank; slurm/*.sh
+    take it from MAX_RESTARTS)."""
     post_run: list[str] = field(default_factory=list)
     """Hooks `module:function` called as `function(cfg, run_dir)` on rank 0 after a run (or
     sweep point) finishes training, e.g. post-training quantisation."""

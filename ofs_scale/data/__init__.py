@@ -4,24 +4,23 @@
 `data.datasets` names, or prepares `data.corpus` on rank 0 into `data.cache_dir` (the other ranks
 wait) and opens that, checks tokenizers and vocabularies, and returns the training and validation
 window streams. Opening memory-maps; it reads no tokens and builds nothing the size of the data.
+The sampler (torch) is imported on first use, so `ofs-scale prepare --help` imports no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from ofs_scale.data.blend import BlendedWindows
 from ofs_scale.data.corpus import DataError
 from ofs_scale.data.indexed import PreparedDataset, check_tokenizers, open_prepared
-from ofs_scale.data.sampler import BatchSampler, collate, eval_micro_batches
 from ofs_scale.data.small import prepare_corpus
 
 if TYPE_CHECKING:
     from ofs_scale.config.schema import DataConfig
+    from ofs_scale.data.sampler import BatchSampler, collate, eval_micro_batches
 
 __all__ = [
     "BatchSampler",
@@ -34,6 +33,14 @@ __all__ = [
     "open_data",
     "prepare_corpus",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("BatchSampler", "collate", "eval_micro_batches"):
+        from ofs_scale.data import sampler
+
+        return getattr(sampler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -59,6 +66,8 @@ def check_datasets(d: DataConfig) -> list[PreparedDataset]:
 def open_data(d: DataConfig, rank: int, seed: int, progress: bool = True) -> RunData:
     """The run's data (see the module docstring). Collective when `data.datasets` is empty and a
     process group exists: every rank must call it."""
+    import torch.distributed as dist
+
     weights = [spec.weight for spec in d.datasets]
     if not d.datasets:
         path: Path | None = None

@@ -123,11 +123,7 @@ class BlendedWindows:
             n_val = max(1, int(total * val_fraction)) if val_fraction > 0 else 0
             first, count = (0, total - n_val) if split == "train" else (total - n_val, n_val)
             if count < 1:
-                raise DataError(
-                    f"{ds.path}: {total} windows of data.seq_len+1={seq_len + 1} tokens leave "
-                    f"no {split} windows (data.val_fraction={val_fraction}); lower data.seq_len "
-                    "or adjust data.val_fraction, or give more data"
-                )
+                raise DataError(_too_small(ds, seq_len, val_fraction, split, total))
             self.parts.append(_Windows(ds, seq_len, first, count))
 
     @property
@@ -165,3 +161,22 @@ class BlendedWindows:
         """Token windows (len(ids), seq_len+1) int64 of global samples `ids`."""
         which, window = self.locate(ids)
         return np.stack([self.parts[d].read(int(w)) for d, w in zip(which, window)])
+
+
+def _too_small(
+    ds: PreparedDataset, seq_len: int, val_fraction: float, split: str, total: int
+) -> str:
+    """The message for a dataset (one small .txt file, say) too short to split in two."""
+    tokens = ds.num_tokens
+    fits = (tokens - len(ds.streams)) // 2  # the longest seq_len giving two windows
+    if split == "val" and val_fraction == 0:
+        return (
+            f"{ds.path}: data.val_fraction=0 leaves no validation windows, and every stage ends "
+            "with an evaluation; set data.val_fraction above 0 (e.g. 0.02)"
+        )
+    return (
+        f"{ds.path}: {tokens:,} tokens make {total} window(s) of data.seq_len+1={seq_len + 1} "
+        f"tokens, and the {split} split gets none (the last data.val_fraction={val_fraction} of "
+        "the windows, at least one, is validation, the rest training; a single file is split "
+        f"the same way); set data.seq_len <= {max(fits, 1)}, or give more text"
+    )

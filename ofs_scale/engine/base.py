@@ -1,5 +1,6 @@
 """The `Engine` interface every engine implements, and what the engines share: the micro-batch
-type, the step result, the DP loss average, the autocast context and the chunk view."""
+type, the step result, the DP loss average, the autocast context, the chunk view and the
+master-weights view of checkpoints."""
 
 from __future__ import annotations
 
@@ -126,4 +127,32 @@ class ChunkView(nn.Module):
         out = {}
         for c in self._chunks:
             out.update(c.state_dict(*args, **kwargs))
+        return out
+
+
+class MasterView(nn.Module):
+    """A module's state with fp32 master weights in place of its (bf16) parameters, for
+    checkpoints. A parameter without a master on this rank (owned by another DP rank under
+    ZeRO-1) is left out: its owner saves and loads it, so each key is written once."""
+
+    def __init__(self, module: nn.Module, masters: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        self._inner = [module]  # a list: not registered as a submodule
+        self._masters = masters
+
+    def named_parameters(self, *args, **kwargs):
+        for n, _ in self._inner[0].named_parameters(*args, **kwargs):
+            if n in self._masters:
+                yield n, self._masters[n]
+
+    def state_dict(self, *args, **kwargs):
+        module = self._inner[0]
+        param_names = {id(p): n for n, p in module.named_parameters()}
+        out = {}
+        for key, t in module.state_dict(keep_vars=True).items():
+            name = param_names.get(id(t))
+            if name is None:
+                out[key] = t
+            elif name in self._masters:
+                out[key] = self._masters[name]
         return out

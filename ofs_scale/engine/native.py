@@ -5,6 +5,12 @@ batches, and that loss on every rank of the pipeline) and `forward_loss` (the sa
 only). The rest of a step is the same for both: gradients averaged over DP in flat buckets, the
 global norm over every axis, clipping, the update of our (possibly DP-sharded) optimizer, skipped
 when the loss or the norm is not finite. Checkpoints are plain DCP through `CheckpointManager`.
+
+Two switches change how (docs/gpu_step.md): `train.master_weights` (bf16 weights for compute,
+fp32 masters in the optimizer) and `parallel.overlap_grad_reduce` (DP reduction in buckets
+launched from gradient hooks during the backward). Either one puts the gradients into fp32
+buffers (`parallel.grad_buffer.GradBuffer`), reduced to each parameter's owner under ZeRO-1;
+with both off the step is the plain one: all-reduce after the backward, fp32 weights.
 """
 
 from __future__ import annotations
@@ -18,11 +24,17 @@ import torch
 from torch import nn
 
 from ofs_scale.checkpoint import CheckpointManager, training_state
-from ofs_scale.config import Config
-from ofs_scale.engine.base import Batch, StepResult, mean_over_dp
+from ofs_scale.config import Config, switch_on
+from ofs_scale.engine.base import Batch, MasterView, StepResult, mean_over_dp
 from ofs_scale.optim import build_optimizer
-from ofs_scale.optim.sharded import state_bytes
-from ofs_scale.parallel.grads import average_across_dp, clip_grads, global_grad_norm
+from ofs_scale.optim.sharded import ShardedOptimizer, state_bytes
+from ofs_scale.parallel.grad_buffer import GradBuffer
+from ofs_scale.parallel.grads import (
+    average_across_dp,
+    clip_grads,
+    global_grad_norm,
+    sum_sequence_parallel_grads,
+)
 from ofs_scale.parallel.mesh import Mesh
 
 
@@ -38,7 +50,37 @@ class NativeEngine(ABC):
         self.chunks = chunks
         self.state_module = state_module
         self.params = [p for _, p in self.named_parameters()]
-        self.optimizer = build_optimizer(self.named_parameters(), cfg.optim, mesh)
+        cuda = mesh.device.type == "cuda"
+        self.master_weights = cfg.train.dtype == "bf16" and switch_on(
+            cfg.train.master_weights, cuda
+        )
+        self.optimizer = build_optimizer(
+            self.named_parameters(), cfg.optim, mesh, master=self.master_weights
+        )
+        self.sharded = isinstance(self.optimizer, ShardedOptimizer)
+        self.grads: GradBuffer | None = None
+        overlap = switch_on(cfg.parallel.overlap_grad_reduce, cuda, requires=mesh.dp > 1)
+        if self.master_weights or overlap:
+            self._use_grad_buffer(cfg, overlap)
+
+    def _use_grad_buffer(self, cfg: Config, overlap: bool) -> None:
+        """bf16 model weights (the optimizer already holds the fp32 masters) and the fp32
+        gradient buffers, reduced to owners under ZeRO-1."""
+        if self.master_weights:
+            for p in self.params:
+                p.data = p.data.to(torch.bfloat16)
+        owners = None
+        if self.sharded:
+            owners = [self.optimizer.owner[n] for n, _ in self.named_parameters()]
+        p = cfg.parallel
+        self.grads = GradBuffer(
+            self.params,
+            self.mesh,
+            bucket_mb=p.bucket_mb,
+            reduce_dtype=p.grad_reduce_dtype,
+            overlap=overlap,
+            owners=owners,
+        )
 
     @abstractmethod
     def forward_backward(self, batches: list[Batch]) -> torch.Tensor:
@@ -48,6 +90,11 @@ class NativeEngine(ABC):
     @abstractmethod
     def forward_loss(self, batches: list[Batch]) -> torch.Tensor:
         """Mean loss over `batches` without gradients, on every rank of the pipeline."""
+
+    def micro_divisor(self, num_micro: int) -> int:
+        """What the summed micro-batch gradients are still to be divided by (1: the losses
+        were already divided by the number of micro batches)."""
+        return 1
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This rank's parameters by name, chunk after chunk."""
@@ -60,16 +107,37 @@ class NativeEngine(ABC):
 
     def step(self, batches: list[Batch]) -> StepResult:
         """Forward/backward, DP average, global norm, clip, update (if finite), zero_grad."""
-        loss = self.forward_backward(batches)
-        average_across_dp(self.params, self.mesh)
+        if self.grads is None:
+            loss = self.forward_backward(batches)
+            average_across_dp(self.params, self.mesh)
+            updated, owned_only = self.params, False
+        else:
+            self.grads.start(len(batches))
+            loss = self.forward_backward(batches)
+            self.grads.finish(self.mesh.dp * self.micro_divisor(len(batches)))
+            updated, owned_only = self._attach_grads(), self.sharded
+        sum_sequence_parallel_grads(self.params, self.mesh)
         mean_over_dp(loss, self.mesh)
-        norm = global_grad_norm(self.params, self.mesh)
+        norm = global_grad_norm(updated, self.mesh, dp_sharded=owned_only)
         applied = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
         if applied:
-            clip_grads(self.params, self.grad_clip, norm)
+            clip_grads(updated, self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, norm, applied)
+
+    def _attach_grads(self) -> list[nn.Parameter]:
+        """Point the `.grad` of what the optimizer updates at the reduced fp32 buffers: this
+        rank's parameters (its owned ones under ZeRO-1), or their masters; returns those."""
+        masters = self.optimizer.master.by_name if self.master_weights else {}
+        owned = set(self.optimizer.owned_names()) if self.sharded else None
+        updated = []
+        for name, p in self.named_parameters():
+            if self.grads.received(p) and (owned is None or name in owned):
+                target = masters.get(name, p)
+                target.grad = p.main_grad
+                updated.append(target)
+        return updated
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
@@ -77,12 +145,18 @@ class NativeEngine(ABC):
         return mean_over_dp(self.forward_loss(batches), self.mesh)
 
     def optimizer_state_bytes(self) -> dict[str, int]:
-        """Optimizer state of this rank; the update is in place, so no master copy."""
-        return {"moments": state_bytes(self.optimizer), "master": 0}
+        """Optimizer state of this rank, and its fp32 master weights (0 without them)."""
+        master = self.optimizer.master.nbytes() if self.master_weights else 0
+        return {"moments": state_bytes(self.optimizer), "master": master}
 
     def checkpoint_state(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Model and optimizer state by parameter name (reshardable), and `extra`."""
-        return training_state(self.state_module, self.optimizer, extra, self.mesh)
+        """Model and optimizer state by parameter name (reshardable), and `extra`. Under
+        master weights the model entries are the fp32 masters, so the checkpoint is the same
+        as without them and a resume restores full precision."""
+        module = self.state_module
+        if self.master_weights:
+            module = MasterView(module, self.optimizer.master.by_name)
+        return training_state(module, self.optimizer, extra, self.mesh)
 
     def save_checkpoint(
         self,
@@ -101,5 +175,9 @@ class NativeEngine(ABC):
         state: dict[str, Any],
         log: Callable[[str], None] = print,
     ) -> Path | None:
-        """DCP loads model and optimizer in place through `state`."""
-        return manager.load_latest(state, log=log)
+        """DCP loads model (the masters, under master weights) and optimizer in place through
+        `state`; the bf16 weights then follow the loaded masters."""
+        path = manager.load_latest(state, log=log)
+        if path is not None and self.master_weights:
+            self.optimizer.sync_model()
+        return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -36,6 +37,21 @@ def bubble_fraction(schedule: str, pp: int, n_micro: int, virtual_stages: int = 
     return (pp - 1) / (v * n_micro + pp - 1)
 
 
+class StageModule(nn.Module):
+    """A chunk as a pipeline stage: hidden states cross stages in fp32, the dtype `_stage_io`
+    declares, and enter the chunk in its weights' dtype (bf16 under master weights, as the
+    residual stream is in one process: norms take no mixed dtypes outside autocast)."""
+
+    def __init__(self, chunk: GPT) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.dtype = next(chunk.parameters()).dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.chunk(x if self.chunk.first else x.to(self.dtype))
+        return out if self.chunk.last else out.float()
+
+
 class PipelineEngine(NativeEngine):
     """This pipeline rank's chunks, trained with a torch.distributed.pipelining schedule."""
 
@@ -56,16 +72,17 @@ class PipelineEngine(NativeEngine):
             for c in self.chunk_ids
         ]
         super().__init__(cfg, mesh, self.chunks, ChunkView(self.chunks))
+        self.stage_modules = [StageModule(chunk) for chunk in self.chunks]
         self.stages = [
             PipelineStage(
-                chunk,
+                module,
                 c,
                 self.num_chunks,
                 mesh.device,
                 *self._stage_io(cfg, chunk),
                 group=mesh.pp_group,
             )
-            for chunk, c in zip(self.chunks, self.chunk_ids)
+            for module, chunk, c in zip(self.stage_modules, self.chunks, self.chunk_ids)
         ]
         self.schedule_name = p.schedule
         self._schedules: dict[int, object] = {}
@@ -78,31 +95,42 @@ class PipelineEngine(NativeEngine):
     def _stage_io(cfg: Config, chunk: GPT) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta tensors describing one micro batch's stage input and output. Given statically,
         torch does not infer them by running a forward on uninitialised memory (which would
-        pollute running statistics such as psBN's)."""
+        pollute running statistics such as psBN's). Hidden states are this TP rank's part of
+        the sequence under sequence parallelism."""
         mb, T, d = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.d_model
         meta = torch.device("meta")
+        part = chunk.factory.local_positions(T)
+        hidden = (mb, part.stop - part.start, d)
         if chunk.first:
             inp = torch.empty((mb, T), dtype=torch.long, device=meta)
         else:
-            inp = torch.empty((mb, T, d), dtype=torch.float32, device=meta, requires_grad=True)
+            inp = torch.empty(hidden, dtype=torch.float32, device=meta, requires_grad=True)
         if chunk.last:
             vocab_local = chunk.vocab_size // chunk.factory.tp
             dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
             out = torch.empty((mb, T, vocab_local), dtype=dtype, device=meta, requires_grad=True)
         else:
-            out = torch.empty((mb, T, d), dtype=torch.float32, device=meta, requires_grad=True)
+            out = torch.empty(hidden, dtype=torch.float32, device=meta, requires_grad=True)
         return inp, out
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._loss_chunk.loss(logits, targets)
 
+    def micro_divisor(self, num_micro: int) -> int:
+        """With gradient buffers the schedule does not scale (`.grad` is moved to the buffers
+        as it arrives): the buffers divide by the number of micro batches instead."""
+        return num_micro
+
     def _schedule(self, n_micro: int):
         if n_micro not in self._schedules:
+            # The schedule divides `.grad` by n_micro after the backwards; with gradient
+            # buffers `.grad` is empty by then and `micro_divisor` does it.
+            kw = {"loss_fn": self._loss_fn, "scale_grads": self.grads is None}
             if self.schedule_name == "interleaved":
-                sched = ScheduleInterleaved1F1B(self.stages, n_micro, loss_fn=self._loss_fn)
+                sched = ScheduleInterleaved1F1B(self.stages, n_micro, **kw)
             else:
                 cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
-                sched = cls(self.stages[0], n_micro, loss_fn=self._loss_fn)
+                sched = cls(self.stages[0], n_micro, **kw)
             self._schedules[n_micro] = sched
         return self._schedules[n_micro]
 
@@ -144,16 +172,17 @@ class PipelineEngine(NativeEngine):
                 owner = c % m.pp
                 if owner != m.pp_rank:
                     continue
-                chunk = self.chunks[self.chunk_ids.index(c)]
+                stage = self.stage_modules[self.chunk_ids.index(c)]
+                chunk = stage.chunk
                 if c == 0:
                     inp = x
                 else:
-                    inp = torch.empty(
-                        (*x.shape, chunk.cfg.d_model), device=dev, dtype=torch.float32
-                    )
+                    part = chunk.factory.local_positions(x.shape[1])
+                    shape = (x.shape[0], part.stop - part.start, chunk.cfg.d_model)
+                    inp = torch.empty(shape, device=dev, dtype=torch.float32)
                     dist.recv(inp, src=m.pp_global_rank((c - 1) % m.pp), group=m.pp_group)
                 with autocast_context(self.dtype, dev):
-                    hidden = chunk(inp)
+                    hidden = stage(inp)
                 if c < self.num_chunks - 1:
                     dist.send(
                         hidden.float().contiguous(),

@@ -13,19 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ofs_scale.checkpoint import CheckpointError
-from ofs_scale.config import ConfigError
-from ofs_scale.data import DataError
-from ofs_scale.eval.harness import evaluate, summary_rows
+from ofs_scale.cli_args import add_run_config_args, command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(
-        prog="ofs-scale eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("eval", __doc__)
     p.add_argument("path", help="run directory, checkpoint directory or Hugging Face model dir")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task")
@@ -34,14 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     p.add_argument("--out", help="directory for lm_eval/*.json (default: beside the run)")
-    p.add_argument("--config", help="training YAML, for runs without a saved config.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
+    add_run_config_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ofs-scale eval`; prints one line per task metric."""
     args = build_parser().parse_args(argv)
+    # torch-importing modules wait until the arguments are parsed
+    from ofs_scale.checkpoint import CheckpointError
+    from ofs_scale.config import ConfigError
+    from ofs_scale.data import DataError
+    from ofs_scale.eval.harness import evaluate, summary_rows
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
     if limit is not None and limit >= 1:

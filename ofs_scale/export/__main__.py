@@ -15,13 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ofs_scale.checkpoint import CheckpointError
-from ofs_scale.config import ConfigError
-from ofs_scale.data import DataError
-from ofs_scale.export.convert import export_model
-from ofs_scale.parallel.mesh import destroy_mesh
-from ofs_scale.quant.evaluate import LoadedRun, load_run, resolve
+from ofs_scale.cli_args import RUN_PATH_HELP, add_run_config_args, command_parser
+
+if TYPE_CHECKING:  # torch-importing modules wait until the arguments are parsed
+    from ofs_scale.quant.evaluate import LoadedRun
 
 
 def tokenizer_model(run: LoadedRun) -> Path | None:
@@ -45,6 +44,10 @@ def export_run(
 ) -> dict:
     """Load `path` (a run directory's newest checkpoint, or one checkpoint) into one process and
     export it to `out_dir`; returns what was written (also saved as `ofs_export.json`)."""
+    from ofs_scale.export.convert import export_model
+    from ofs_scale.parallel.mesh import destroy_mesh
+    from ofs_scale.quant.evaluate import load_run, resolve
+
     run = load_run(resolve(path, config), list(overrides))
     try:
         model = run.engine.model.eval()
@@ -66,12 +69,8 @@ def export_run(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(
-        prog="ofs-scale export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("path", help="run directory (newest checkpoint) or one checkpoint directory")
+    p = command_parser("export", __doc__)
+    p.add_argument("path", help=RUN_PATH_HELP)
     p.add_argument("out", help="directory to write the Hugging Face model into")
     p.add_argument(
         "--arch",
@@ -79,14 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: Llama where it is exact, else the remote-code model; ofs: always the latter",
     )
-    p.add_argument("--config", help="training YAML, for runs without a saved config.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
+    add_run_config_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ofs-scale export`."""
     args = build_parser().parse_args(argv)
+    from ofs_scale.checkpoint import CheckpointError
+    from ofs_scale.config import ConfigError
+    from ofs_scale.data import DataError
+
     try:
         info = export_run(args.path, args.out, args.config, args.overrides, args.arch)
     except (ConfigError, CheckpointError, DataError, ValueError) as e:

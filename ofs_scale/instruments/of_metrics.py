@@ -103,7 +103,10 @@ class MetricsCallback(Callback):
         if self.plots and (trainer.out_dir / "metrics.jsonl").is_file():
             from ofs_scale.metrics.plots import write_plots
 
-            self.plot_paths = write_plots(trainer.out_dir)
+            notes: list[str] = []
+            self.plot_paths = write_plots(trainer.out_dir, notes=notes)
+            for note in notes:
+                console.print(note, markup=False)
             if self.plot_paths:
                 # soft_wrap: a long path stays on one line, so it can be copied
                 console.print(f"metric plots in {self.plot_paths[0].parent}:", soft_wrap=True)

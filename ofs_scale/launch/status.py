@@ -1,4 +1,9 @@
-"""`status` and `tail`: job states, checkpoints and the latest metrics of a run or a sweep."""
+"""`status` and `tail`: job states, checkpoints and the latest metrics of a run or a sweep.
+
+Imports no torch, submitit or config schema: both answer in well under a second. On a terminal
+`status` draws a table; piped, it prints tab-separated rows with names in full. `tail` formats
+metrics.jsonl records as one readable line each (`--json`: the records as written).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ofs_scale.config import ConfigError
-from ofs_scale.launch.submit import LAUNCH_FILE
-from ofs_scale.launch.sweep import SWEEP_FILE, read_index
+from ofs_scale.launch.files import LAUNCH_FILE, SWEEP_FILE, LaunchError, read_index
 
 console = Console()
 
@@ -109,7 +112,7 @@ def status(path: str | Path) -> list[dict[str, str]]:
     """Rows for a run directory, or for every point of a sweep directory."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"{path} is not a directory; pass a run.out_dir or a sweep dir")
+        raise LaunchError(f"{path} is not a directory; pass a run.out_dir or a sweep dir")
     if (path / SWEEP_FILE).is_file():
         rows = []
         for point in read_index(path)["points"]:
@@ -119,17 +122,65 @@ def status(path: str | Path) -> list[dict[str, str]]:
 
 
 def print_status(path: str | Path) -> None:
-    """Print `status(path)` as a table, with all checkpoints of a single run underneath."""
+    """Print `status(path)`: a table on a terminal, tab-separated lines with names in full when
+    piped; then every checkpoint of a single run."""
     rows = status(path)
-    table = Table(title=f"status of {path}")
-    for col in rows[0]:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
+    if console.is_terminal:
+        table = Table(title=f"status of {path}")
+        for col in rows[0]:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
+    else:
+        for values in [list(rows[0]), *(list(row.values()) for row in rows)]:
+            print("\t".join(values))  # not rich: it would expand the tabs
     if not (Path(path) / SWEEP_FILE).is_file():
         for name, step in checkpoints(Path(path)):
             console.print(f"  checkpoint {name:<16} step {step}")
+
+
+# How `tail` shows a record's headline keys (in this order); the rest are counted.
+_HEADLINE = {
+    "loss": "loss {:.4f}",
+    "val_loss": "val_loss {:.4f}",
+    "val_ppl": "val_ppl {:.4g}",
+    "grad_norm": "grad_norm {:.3g}",
+    "lr": "lr {:.2e}",
+    "tokens_per_s": "{:,.0f} tok/s",
+    "mfu": "MFU {:.1%}",
+}
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    """One metrics.jsonl record as a readable line: step, stage, headline numbers, and how many
+    other metrics (OF metrics, instruments) it holds."""
+    parts = [f"step {rec.get('step', '?')}"]
+    if "stage" in rec:
+        parts.append(f"[{rec['stage']}]")
+    for key, fmt in _HEADLINE.items():
+        if key in rec:
+            value = rec[key]
+            parts.append(fmt.format(value) if isinstance(value, int | float) else f"{key} {value}")
+    if rec.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    kurt = [v for k, v in rec.items() if k.startswith("of/kurtosis/") and isinstance(v, float)]
+    if kurt:
+        parts.append(f"max kurtosis {max(kurt):.3g}")
+    shown = {"step", "stage", "skipped", "tokens", "step_time_s", "model_tflops_per_s", *_HEADLINE}
+    others = [k for k in rec if k not in shown]
+    if others:
+        parts.append(f"(+{len(others)} metrics)")
+    return " ".join(parts)
+
+
+def _format_line(line: str, raw: bool) -> str:
+    if raw:
+        return line
+    try:
+        return format_record(json.loads(line))
+    except (json.JSONDecodeError, AttributeError):
+        return line
 
 
 def newest_log(run_dir: Path) -> Path | None:
@@ -138,18 +189,25 @@ def newest_log(run_dir: Path) -> Path | None:
     return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
 
 
-def tail(run_dir: str | Path, lines: int = 10, follow: bool = False, every_s: float = 5.0) -> None:
-    """Print the last `lines` metrics records and job log lines; with `follow`, keep polling."""
+def tail(
+    run_dir: str | Path,
+    lines: int = 10,
+    follow: bool = False,
+    every_s: float = 5.0,
+    raw: bool = False,
+) -> None:
+    """Print the last `lines` metrics records (formatted; `raw`: as written) and job log lines;
+    with `follow`, keep polling."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory; pass a run.out_dir")
+        raise LaunchError(f"{run_dir} is not a directory; pass a run.out_dir")
     seen = 0
     while True:
         path = run_dir / "metrics.jsonl"
         records = path.read_text().splitlines() if path.is_file() else []
         start = seen if follow and seen else max(0, len(records) - lines)
         for line in records[start:]:
-            console.print(line, markup=False, highlight=False)
+            console.print(_format_line(line, raw), markup=False, highlight=False)
         seen = len(records)
         if not follow:
             log = newest_log(run_dir)

@@ -17,13 +17,16 @@ from typing import Any
 import submitit
 
 from ofs_scale.config import Config, ConfigError, dump_yaml, load_config
+from ofs_scale.launch.files import LAUNCH_FILE
 from ofs_scale.launch.job import CONFIG_SNAPSHOT, TrainJob
+from ofs_scale.launch.torchrun import TorchrunJob
 
-LAUNCH_FILE = "launch.json"
 
-
-def make_executor(cfg: Config, folder: Path, local: bool) -> submitit.AutoExecutor:
-    """An AutoExecutor (SLURM, or the local one with `local`) with the `launch` resources."""
+def make_executor(
+    cfg: Config, folder: Path, local: bool, torchrun: bool = False
+) -> submitit.AutoExecutor:
+    """An AutoExecutor (SLURM, or the local one with `local`) with the `launch` resources: one
+    task per rank, or with `torchrun` one task per node holding all its ranks' CPUs."""
     if not local and shutil.which("sbatch") is None:
         raise ConfigError("sbatch is not on PATH: submit on a SLURM login node, or pass --local")
     lc = cfg.launch
@@ -33,11 +36,12 @@ def make_executor(cfg: Config, folder: Path, local: bool) -> submitit.AutoExecut
         slurm_max_num_timeout=lc.max_requeues,
     )
     tasks = lc.gpus_per_node or lc.tasks_per_node
+    per_node = tasks if torchrun else 1
     params: dict[str, Any] = {
         "name": cfg.run.name,
         "nodes": lc.nodes,
-        "tasks_per_node": tasks,
-        "cpus_per_task": lc.cpus_per_task,
+        "tasks_per_node": tasks // per_node,
+        "cpus_per_task": lc.cpus_per_task * per_node,
         "timeout_min": lc.time_min,
         "stderr_to_stdout": True,
     }
@@ -89,14 +93,22 @@ def submit_run(
 ) -> list[submitit.Job]:
     """Submit one run; with `stage_jobs`, one job per stage chained with `afterok`, each
     training through the end of its stage and resuming from the previous stage's checkpoint."""
+    lc = cfg.launch
+    if stage_jobs and lc.max_restarts > 0:
+        raise ConfigError("--stage-jobs runs one task per rank: leave launch.max_restarts at 0")
     snapshot = write_snapshot(cfg)
     out = Path(cfg.run.out_dir)
-    executor = make_executor(cfg, out / "submitit", local)
+    torchrun = lc.max_restarts > 0
+    executor = make_executor(cfg, out / "submitit", local, torchrun)
     jobs: list[submitit.Job] = []
     stage_ids: list[int | None] = list(range(len(cfg.train.stages))) if stage_jobs else [None]
     for k in stage_ids:
         _dependency(executor, jobs[-1].job_id if jobs else None)
-        job = executor.submit(TrainJob(), str(snapshot), k)
+        if torchrun:
+            nproc = lc.gpus_per_node or lc.tasks_per_node
+            job = executor.submit(TorchrunJob(), str(snapshot), nproc, lc.max_restarts)
+        else:
+            job = executor.submit(TrainJob(), str(snapshot), k)
         jobs.append(job)
         if local and stage_jobs:
             job_result(job)  # the local executor has no dependencies: run the chain in order

@@ -28,10 +28,10 @@ import submitit
 import yaml
 
 from ofs_scale.config import Config, ConfigError, load_config
+from ofs_scale.launch.files import SWEEP_FILE
 from ofs_scale.launch.job import CONFIG_SNAPSHOT, TrainJob
 from ofs_scale.launch.submit import job_result, make_executor, write_launch_record, write_snapshot
 
-SWEEP_FILE = "sweep.json"
 SWEEP_KEYS = {"name", "config", "out_dir", "overrides", "grid"}
 
 
@@ -149,14 +149,6 @@ def write_index(sweep: Sweep, jobs: list[submitit.Job] | None, cluster: str) -> 
     path = sweep.out_dir / SWEEP_FILE
     path.write_text(json.dumps(index, indent=1))
     return path
-
-
-def read_index(sweep_dir: str | Path) -> dict[str, Any]:
-    """The `sweep.json` of a sweep directory."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    if not path.is_file():
-        raise ConfigError(f"{sweep_dir} has no {SWEEP_FILE}; is it a sweep directory?")
-    return json.loads(path.read_text())
 
 
 def submit_sweep(sweep: Sweep, local: bool = False, wait: bool = False) -> list[submitit.Job]:

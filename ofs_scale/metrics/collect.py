@@ -14,6 +14,13 @@ them up; nothing large is kept. `Collector.reduce` then:
 3. sums over the pipeline group, where every stage contributes only the sites it holds (zeros
    elsewhere), so every rank, global rank 0 included, ends with every layer's values.
 
+Under sequence parallelism each TP rank holds only its part of the residual stream's sequence.
+Every statistic of a residual site is a sum over tokens (per-neuron sums of squares, per-token
+max/median ratios, per-sequence sums of unit vectors for the cosine) or a max, so the hook adds
+up the TP ranks' partials at once (one small all-reduce per micro batch) and the site is then
+replicated over TP as without it: the values equal the single-process ones exactly. MLP and
+attention sites see the whole sequence (they sit after a column layer's gather) and need nothing.
+
 The per-token median of a TP-split MLP site is found exactly by bisection on the float bit
 patterns with an all-reduce of counts per step (31 small all-reduces), never approximated.
 
@@ -165,10 +172,13 @@ class Collector:
         """Register a forward hook on every selected site held by `chunks`."""
         wanted = {s.name: s for s in self.sites}
         for chunk in chunks:
+            # residual-stream sites hold this TP rank's part of the sequence (sequence parallel)
+            split = bool(getattr(getattr(chunk, "factory", None), "sequence_parallel", False))
             for name, module in chunk_taps(chunk):
                 if name in wanted:
                     self.hooked.append(wanted[name])
-                    self.handles.append(module.register_forward_hook(self._hook(wanted[name])))
+                    hook = self._hook(wanted[name], split)
+                    self.handles.append(module.register_forward_hook(hook))
         order = {s.name: i for i, s in enumerate(self.sites)}
         self.hooked.sort(key=lambda s: order[s.name])
 
@@ -179,7 +189,7 @@ class Collector:
         self.handles = []
         self._last_resid = None
 
-    def _hook(self, site: Site):
+    def _hook(self, site: Site, seq_split: bool = False):
         def hook(module: nn.Module, inputs, output) -> None:
             x = output[0] if isinstance(output, tuple) else output
             if x.device.type == "meta" or recomputing():  # shape inference, or a recompute
@@ -201,7 +211,8 @@ class Collector:
                     # `final` sees the very tensor the last block returned: measured already
                     part = dict(self._last_resid[1])
                 else:
-                    part = self._partial_resid(output if rows is None else output[rows])
+                    x_BTD = output if rows is None else output[rows]
+                    part = self._partial_resid(x_BTD, seq_split)
                     self._last_resid = (output, part)
             self._add(site.name, part)
 
@@ -217,16 +228,28 @@ class Collector:
             op = torch.maximum if key == "max_abs" else torch.add
             total[key] = op(total[key], value)
 
-    def _partial_resid(self, x_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.mesh.tp_rank != 0:  # replicated over TP: tp_rank 0 measures it for all
+    def _partial_resid(self, x_BTD: torch.Tensor, seq_split: bool) -> dict[str, torch.Tensor]:
+        """Partials of a residual site; with `seq_split` x_BTD is this TP rank's part of each
+        sequence and the partials are summed over TP here, so every TP rank has the whole."""
+        if self.mesh.tp_rank != 0 and not seq_split:  # replicated: tp_rank 0 measures it
             return {}
         B, T, D = x_BTD.shape
         x_NF = x_BTD.detach().reshape(B * T, D).float()
         mean_N = torch.sum(x_NF, dim=-1, dtype=torch.float64) / D
         a_2NF = torch.cat([x_NF.abs(), (x_NF - mean_N[:, None].float()).abs()])
         max_2N, median_2N = a_2NF.amax(dim=-1), stats.lower_median(a_2NF)
-        cos_B = stats.cosine_offdiag(x_BTD.detach())
         part = self._width_partials(x_NF, mean_N, max_2N, median_2N)
+        total_BD, diag_B = stats.cosine_terms(x_BTD.detach())
+        if seq_split and self.mesh.tp > 1:
+            group = self.mesh.tp_group
+            sums = [v for k, v in part.items() if k != "max_abs"] + [total_BD, diag_B]
+            flat = torch.cat([t.reshape(-1) for t in sums])
+            dist.all_reduce(flat, group=group)
+            for t, piece in zip(sums, flat.split([t.numel() for t in sums]), strict=True):
+                t.copy_(piece.view_as(t))
+            dist.all_reduce(part["max_abs"], op=dist.ReduceOp.MAX, group=group)
+            T *= self.mesh.tp
+        cos_B = stats.cosine_from_terms(total_BD, diag_B, T)
         part.update(cos_sum=cos_B.sum(), cos_n=self._scalar(B, x_NF))
         return part
 

@@ -92,14 +92,22 @@ def cosine_offdiag(x_BTD: torch.Tensor) -> torch.Tensor:
     With unit vectors u_t, sum_{s != t} u_s . u_t = |sum_t u_t|^2 - sum_t |u_t|^2, so the
     (T x T) matrix is never formed. A zero token has no direction and contributes 0.
     """
-    T = x_BTD.shape[1]
-    if T < 2:
-        raise ValueError("cosine similarity between tokens needs sequences of at least 2 tokens")
+    return cosine_from_terms(*cosine_terms(x_BTD), x_BTD.shape[1])
+
+
+def cosine_terms(x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, sum_t u_t (B, D) and sum_t |u_t|^2 (B,) of the tokens' unit vectors: sums
+    over tokens, so those of the parts of a sequence (sequence parallelism) add up."""
     x = x_BTD.double()
     norm_BT = x.norm(dim=-1, keepdim=True)
     u_BTD = torch.where(norm_BT > 0, x / norm_BT.clamp_min(1e-300), torch.zeros_like(x))
-    total_BD = u_BTD.sum(dim=1)
-    diag_B = (u_BTD * u_BTD).sum(dim=(1, 2))
+    return u_BTD.sum(dim=1), (u_BTD * u_BTD).sum(dim=(1, 2))
+
+
+def cosine_from_terms(total_BD: torch.Tensor, diag_B: torch.Tensor, T: int) -> torch.Tensor:
+    """`cosine_offdiag` of sequences of T tokens from their `cosine_terms`."""
+    if T < 2:
+        raise ValueError("cosine similarity between tokens needs sequences of at least 2 tokens")
     return ((total_BD * total_BD).sum(-1) - diag_B) / (T * (T - 1))
 
 

@@ -74,8 +74,15 @@ class BatchlessNorm(nn.Module):
     """Normalisation by learned per-feature mean and scale (see the module docstring).
 
     `data_init`: on the first training forward, set mu and sigma to the mean and standard
-    deviation of that micro batch (summed over `dp_group` so replicas stay identical); the flag
-    that it happened is a persistent buffer, so a resumed run does not re-initialise.
+    deviation of that micro batch (summed over `dp_group` so replicas stay identical), sigma no
+    less than `init_min_sigma`; the flag that it happened is a persistent buffer, so a resumed
+    run does not re-initialise.
+
+    Why the floor: the norm is a fixed affine map between optimizer steps, so its gain 1/sigma
+    multiplies every change of x. Adam moves log sigma by about lr per step whatever the aux
+    gradient, so sigma follows a growing x by at most a factor exp(lr) per step. Set to a
+    0.02-scale residual stream, the gain is ~40 and the stream grows ~20x in the first step
+    (smoke model, lr 3e-3): training diverges. The floor caps the gain (docs/instruments.md).
     """
 
     def __init__(
@@ -86,10 +93,15 @@ class BatchlessNorm(nn.Module):
         data_init: bool = False,
         dp_group: dist.ProcessGroup | None = None,
         eps: float = 1e-5,
+        init_min_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if aux_weight < 0:
             raise ValueError(f"model.bln_weight={aux_weight} must be >= 0")
+        if not init_min_sigma >= 0:
+            raise ValueError(
+                f"model.bln_init_min_sigma={init_min_sigma} must be >= 0 (0: no floor)"
+            )
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.mu = nn.Parameter(torch.zeros(dim))
@@ -99,6 +111,7 @@ class BatchlessNorm(nn.Module):
         self.data_init = data_init
         self.dp_group = dp_group
         self.eps = eps
+        self.init_min_sigma = init_min_sigma
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         # Sum and count of the aux loss over training forwards since the last `pop_aux_loss`.
         self._aux_sum = torch.zeros((), dtype=torch.float64)
@@ -124,7 +137,8 @@ class BatchlessNorm(nn.Module):
         if not bool(torch.isfinite(sums).all()):
             return  # uninitialised input (pipeline metadata inference): wait for real data
         self.mu.copy_(mean_D)
-        self.log_sigma.copy_(0.5 * torch.log(var_D + self.eps))
+        sigma_D = torch.sqrt(var_D + self.eps).clamp_min(self.init_min_sigma)
+        self.log_sigma.copy_(torch.log(sigma_D))
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +167,8 @@ class BatchlessNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.weight.shape[0]}, bias={self.bias is not None}, "
-            f"aux_weight={self.aux_weight}, data_init={self.data_init}"
+            f"aux_weight={self.aux_weight}, data_init={self.data_init}, "
+            f"init_min_sigma={self.init_min_sigma}"
         )
 
 

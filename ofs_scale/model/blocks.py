@@ -7,6 +7,7 @@ this TP rank.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +21,28 @@ if TYPE_CHECKING:
     from ofs_scale.model.layers import ParallelLayers
 
 
-def rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, ...]:
     inv = 1.0 / theta ** (torch.arange(0, K, 2, device=device, dtype=torch.float32) / K)
     ang_TK2 = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
     ang_TK = torch.cat([ang_TK2, ang_TK2], dim=-1)
     return ang_TK.cos().to(dtype), ang_TK.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, ...]:
+    # plain tensors even when first asked for under inference_mode: training saves them for
+    # the backward pass, which inference tensors refuse
+    with torch.no_grad(), torch.inference_mode(False):
+        return _build_rope_tables(T, K, theta, device, dtype)
+
+
+def rope_tables(T: int, K: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos_TK, sin_TK of RoPE for positions 0..T-1, built once per (T, K, theta, device, dtype)
+    and shared by every layer and step. Inside a torch.compile region they are computed in the
+    graph instead (the compiler folds them; a Python cache there would only add guards)."""
+    if torch.compiler.is_compiling():
+        return _build_rope_tables(T, K, theta, device, dtype)
+    return _cached_rope_tables(T, K, theta, torch.device(device), dtype)
 
 
 def apply_rope(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor) -> torch.Tensor:
@@ -78,8 +96,9 @@ class Attention(nn.Module):
         self.qk_tap = Tap()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        qkv = self.qkv(x_BTD).view(B, T, self.local_heads, 3, self.head_dim)
+        qkv = self.qkv(x_BTD)
+        B, T = qkv.shape[:2]  # the whole sequence, also when x_BTD is its part (sequence parallel)
+        qkv = qkv.view(B, T, self.local_heads, 3, self.head_dim)
         q_BHTK, k_BHTK, v_BHTK = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
         q_BHTK, k_BHTK = self.q_norm(q_BHTK), self.k_norm(k_BHTK)
         if self.rope_theta is not None:

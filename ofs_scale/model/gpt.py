@@ -18,6 +18,7 @@ from torch import nn
 
 from ofs_scale.config import ModelConfig
 from ofs_scale.model.blocks import BLOCKS, MLP, Attention, BlockOptions, Tap, resolve_beta
+from ofs_scale.model.compiled import DEFAULT_BACKEND, block_runner, compiled_forwards
 from ofs_scale.model.layers import ParallelLayers
 from ofs_scale.model.norms import build_norm
 from ofs_scale.model.recompute import checkpointed
@@ -54,11 +55,16 @@ class Embedding(nn.Module):
         self.norm = (
             nn.LayerNorm(cfg.d_model, bias=cfg.bias) if resolved(cfg)["embed_norm"] else None
         )
+        for module in (self.pos, self.norm):
+            if module is not None:
+                layers.on_sequence_shard(module.parameters())
+        self.positions = layers.local_positions
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Embeddings of this rank's positions: all, or its part under sequence parallelism."""
         x_BTD = self.tok(tokens_BT)
         if self.pos is not None:
-            x_BTD = x_BTD + self.pos.weight[: tokens_BT.shape[1]]
+            x_BTD = x_BTD + self.pos.weight[self.positions(tokens_BT.shape[1])]
         return self.norm(x_BTD) if self.norm is not None else x_BTD
 
 
@@ -84,6 +90,7 @@ class GPT(nn.Module):
         self.factory = layers
         self.first, self.last = first, last
         self.recompute = False  # activation checkpointing of every block (model/recompute.py)
+        self.compiled: dict = {}  # block key -> compiled forward (`compile_blocks`)
         ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
         r = resolved(cfg)
         block_cls = BLOCKS[cfg.block].cls
@@ -94,9 +101,15 @@ class GPT(nn.Module):
         d_ff = int(cfg.ffn_mult * cfg.d_model)
         if d_ff % layers.tp:
             raise ValueError(f"MLP width {d_ff} is not divisible by parallel.tp={layers.tp}")
-        make_norm = functools.partial(
+        norm = functools.partial(
             build_norm, cfg.norm, cfg.d_model, cfg.bias, layers=layers, cfg=cfg
         )
+
+        def make_norm() -> nn.Module:
+            module = norm()
+            layers.on_sequence_shard(module.parameters())  # norms act on the residual stream
+            return module
+
         options = BlockOptions(make_norm, beta, cfg.beta_trainable)
 
         self.embed = None
@@ -112,6 +125,8 @@ class GPT(nn.Module):
                 )
                 mlp = MLP(cfg.d_model, d_ff, r["activation"], layers, std, out_std, cfg.bias)
                 self.layers[str(i)] = block_cls(attn, mlp, options)
+                # a block's own parameters (OP's betas) scale what joins the residual stream
+                layers.on_sequence_shard(self.layers[str(i)].parameters(recurse=False))
         self.final_norm = self.head = None
         self.final_tap = Tap()
         if last:
@@ -127,15 +142,20 @@ class GPT(nn.Module):
         if self.embed is not None:
             x = self.embed_tap(self.embed(x))
         recompute = self.recompute and self.training and torch.is_grad_enabled()
-        for block in self.layers.values():
-            x = checkpointed(block, x) if recompute else block(x)
-        if self.head is None:
-            return x
+        for key, block in self.layers.items():
+            run = block_runner(block, self.compiled.get(key), x)
+            x = checkpointed(run, x) if recompute else run(x)
+        if self.head is None:  # hidden states for the next pipeline stage, which P2P sends
+            return x.contiguous()  # whole (the sequence-parallel stream is a transposed view)
         x = self.final_tap(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
         weight = self.embed.tok.weight if self.cfg.tie_embeddings else None
         return self.head(x, weight=weight)
+
+    def compile_blocks(self, backend: str = DEFAULT_BACKEND) -> None:
+        """Regional torch.compile: each block compiled on its own (`train.compile`)."""
+        self.compiled = compiled_forwards(self.layers, backend)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from vocab-parallel logits."""

@@ -25,6 +25,7 @@ class NormOptions(Protocol):
 
     bln_weight: float
     bln_data_init: bool
+    bln_init_min_sigma: float
     psbn_alpha: float
 
 
@@ -50,7 +51,8 @@ def _none(dim: int, bias: bool, dp_group, opts) -> nn.Module:
 def _batchless(dim: int, bias: bool, dp_group, opts) -> nn.Module:
     weight = opts.bln_weight if opts is not None else 1.0
     data_init = opts.bln_data_init if opts is not None else False
-    return BatchlessNorm(dim, bias, weight, data_init, dp_group)
+    min_sigma = opts.bln_init_min_sigma if opts is not None else 0.0
+    return BatchlessNorm(dim, bias, weight, data_init, dp_group, init_min_sigma=min_sigma)
 
 
 def _psbn(dim: int, bias: bool, dp_group, opts) -> nn.Module:

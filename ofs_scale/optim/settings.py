@@ -20,6 +20,7 @@ class OptimSettings(Protocol):
     weight_decay: float
     precondition_frequency: int
     max_precond_dim: int
+    precond_precision: str
     shampoo_beta: float | None
     start_preconditioning_step: int
     soap_mode: str

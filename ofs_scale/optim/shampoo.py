@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ofs_scale.optim.named import StateDict
+from ofs_scale.optim.precision import refresh_mm
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.optim.soap import (
     MatrixOptimizer,
@@ -37,10 +38,15 @@ SHAMPOO_MODES = ("ofs", "meta")
 
 
 def inverse_fourth_root(
-    f: torch.Tensor, what: str, abs_eps: float | None = None, exponent: float = 0.25
+    f: torch.Tensor,
+    what: str,
+    abs_eps: float | None = None,
+    exponent: float = 0.25,
+    precision: str = "fp32",
 ) -> torch.Tensor | None:
     """(F + eps I)^(-exponent) of a symmetric PSD factor, or None if eigh fails. eps is
-    MATRIX_EPS * lambda_max(F) by default, or the absolute `abs_eps` (Meta's epsilon)."""
+    MATRIX_EPS * lambda_max(F) by default, or the absolute `abs_eps` (Meta's epsilon); the
+    product V diag(s) V^T that rebuilds it runs in `precision` (optim/precision.py)."""
     # fp64: with eps 1e-6 the root spans a 1e6 eigenvalue range, where fp32 eigh loses the
     # small eigenvalues (Anil et al. compute these roots in fp64 for the same reason).
     found = safe_eigh(f, what, dtypes=(torch.float64,))
@@ -52,7 +58,7 @@ def inverse_fourth_root(
         reg = (MATRIX_EPS * evals.max()).clamp_min(MATRIX_EPS_FLOOR)
     else:
         reg = torch.tensor(abs_eps)
-    return (evecs * (evals + reg).pow(-exponent)) @ evecs.T
+    return refresh_mm(evecs * (evals + reg).pow(-exponent), evecs.T, precision)
 
 
 def _vector_factor(shape: tuple[int, ...], cfg: OptimSettings) -> bool:
@@ -148,7 +154,8 @@ class Shampoo(MatrixOptimizer):
             for side in ("L",) if p.ndim < 2 else ("L", "R"):
                 f, root = st[f"{side}_{i}_{j}"], st[f"P{side}_{i}_{j}"]
                 what = f"Shampoo factor {side}_{i}_{j} of {self.names[p]}"
-                new = inverse_fourth_root(f / bc, what, eps, exponent)
+                precision = self.precond_precision
+                new = inverse_fourth_root(f / bc, what, eps, exponent, precision)
                 if new is not None:
                     root.copy_(new)
                     continue

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ofs_scale.optim.master import MasterWeights, WrappingOptimizer
 from ofs_scale.optim.settings import OptimSettings
 from ofs_scale.parallel.grads import buckets
 from ofs_scale.parallel.mesh import Mesh
@@ -51,7 +52,7 @@ def state_bytes(optimizer) -> int:
     return total
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(WrappingOptimizer):
     """Runs an inner optimizer on the parameters this DP rank owns, then shares the results.
 
     Communication per step: none before the update (the engine has already averaged the full
@@ -67,6 +68,12 @@ class ShardedOptimizer:
     `inner_cls(named, cfg, **inner_kwargs)`, with `inner_cls.cost(shape, cfg)` the load ownership
     balances. Ownership depends on names and shapes only, so the TP ranks of one DP rank own the
     same parameters, and an inner optimizer that gathers over TP (Muon) meets its peers.
+
+    With `master=True` (bf16 model weights, `train.master_weights`) the inner optimizer runs
+    over fp32 masters of the owned parameters only, and the owners broadcast the updated bf16
+    weights: half the bytes of an fp32 broadcast. The engine then reduces each gradient to its
+    owner only (`parallel.grad_buffer`), so a step moves the parameters' bytes twice in bf16.
+    `comm_bytes` counts the broadcast bytes this rank sent or received.
     """
 
     def __init__(
@@ -76,27 +83,27 @@ class ShardedOptimizer:
         mesh: Mesh,
         inner_cls: type,
         inner_kwargs: dict | None = None,
+        master: bool = False,
     ) -> None:
         self.mesh = mesh
         self.params = [p for _, p in named]
         self.owner = assign_owners(named, inner_cls.cost, cfg, mesh.dp)
         owned = [(n, p) for n, p in named if self.owner[n] == mesh.dp_rank]
-        self.inner = inner_cls(owned, cfg, **(inner_kwargs or {}))
+        self.master = MasterWeights(owned) if master else None
+        self.inner = inner_cls(self.master.named if master else owned, cfg, **(inner_kwargs or {}))
+        self.comm_bytes = 0
         self.by_owner = [[p for n, p in named if self.owner[n] == r] for r in range(mesh.dp)]
         self.src = [
             dist.get_global_rank(mesh.dp_group, r) if mesh.dp > 1 else mesh.rank
             for r in range(mesh.dp)
         ]
 
-    @property
-    def param_groups(self) -> list[dict]:
-        """The inner optimizer's groups (the trainer sets `lr` here); same layout on all ranks."""
-        return self.inner.param_groups
-
     @torch.no_grad()
-    def step(self) -> None:
-        """Update owned parameters, then broadcast every owner's parameters to the DP group."""
-        self.inner.step()
+    def sync_model(self) -> None:
+        """Owned model weights from the masters (if any), then every owner's weights to the
+        DP group (also after a checkpoint loaded the owned masters)."""
+        if self.master is not None:
+            self.master.copy_to_model()
         if self.mesh.dp > 1:
             for rank, params in enumerate(self.by_owner):
                 self._broadcast(params, rank)
@@ -114,21 +121,19 @@ class ShardedOptimizer:
         else:
             flat = torch.empty(size, dtype=bucket[0].dtype, device=bucket[0].device)
         dist.broadcast(flat, src=self.src[rank], group=self.mesh.dp_group)
+        self.comm_bytes += flat.nbytes
         if not mine:
             for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 dst.data.copy_(src)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of every parameter, owned or not."""
-        for p in self.params:
+        """Clear the gradients of every parameter, owned or not (and of the masters)."""
+        extra = [m for _, m in self.master.named] if self.master is not None else []
+        for p in [*self.params, *extra]:
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
-
-    def named_state(self) -> dict[str, dict]:
-        """State of the owned parameters only, by name, materialised."""
-        return self.inner.named_state()
 
     def owned_names(self) -> list[str]:
         """Names of the parameters this rank owns."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ofs_scale.optim.named import NamedStateOptimizer, StateDict
+from ofs_scale.optim.precision import check_precision, refresh_mm
 from ofs_scale.optim.settings import OptimSettings
 
 log = logging.getLogger("ofs_scale.optim")
@@ -130,6 +131,7 @@ class MatrixOptimizer(NamedStateOptimizer):
             raise ValueError(f"optim.max_precond_dim={cfg.max_precond_dim} must be >= 1")
         super().__init__(named, cfg)
         self.shampoo_beta = cfg.betas[1] if cfg.shampoo_beta is None else cfg.shampoo_beta
+        self.precond_precision = check_precision(getattr(cfg, "precond_precision", "fp32"))
         self._warn_large_factors(named)
 
     def factor_sides(self, name: str, m: int, n: int) -> list[int]:
@@ -352,11 +354,12 @@ class SOAP(MatrixOptimizer):
                 )
                 f.zero_()
                 continue
-            est = (q * (f @ q)).sum(0)  # diag(Q^T F Q)
+            precision = self.precond_precision
+            est = (q * refresh_mm(f, q, precision)).sum(0)  # diag(Q^T F Q)
             order = torch.argsort(est, descending=True)
             q_sorted = q[:, order]
             v_MN.copy_(v_MN.index_select(dim, order))
-            q.copy_(torch.linalg.qr(f @ q_sorted)[0])
+            q.copy_(torch.linalg.qr(refresh_mm(f, q_sorted, precision))[0])  # QR in fp32
         st["exp_avg"].copy_(self.rotate(m_MN, st))
 
     def _matrix_step(self, p: torch.Tensor, g_MN: torch.Tensor, st: StateDict, group) -> None:

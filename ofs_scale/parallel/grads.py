@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ofs_scale.parallel.mesh import Mesh
-from ofs_scale.parallel.tp import is_tp_sharded
+from ofs_scale.parallel.tp import is_sequence_parallel, is_tp_sharded
 
 BUCKET_ELEMS = 1 << 24
 
@@ -43,9 +43,30 @@ def average_across_dp(params: list[torch.Tensor], mesh: Mesh) -> None:
             dst.copy_(src)
 
 
-def global_grad_norm(params: list[torch.Tensor], mesh: Mesh) -> torch.Tensor:
+def sum_sequence_parallel_grads(params: list[torch.Tensor], mesh: Mesh) -> None:
+    """Sum over TP the gradients of the parameters marked `sequence_parallel` (norm gains, OP
+    betas, learned positions: replicated, but under sequence parallelism each TP rank saw only
+    its part of the sequence), so every TP rank holds the whole gradient. One all-reduce of the
+    (small) flattened gradients per step: `.grad`, else the fp32 `main_grad` buffer that the
+    GPU step moved it into."""
+    grads = []
+    for p in params:
+        grad = p.grad if p.grad is not None else getattr(p, "main_grad", None)
+        if grad is not None and is_sequence_parallel(p):
+            grads.append(grad)
+    if mesh.tp == 1 or not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=mesh.tp_group)
+    torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+
+def global_grad_norm(
+    params: list[torch.Tensor], mesh: Mesh, dp_sharded: bool = False
+) -> torch.Tensor:
     """L2 norm of the full model's gradient (TP shards summed, replicas counted once, all
-    pipeline stages included). Gradients must already be averaged over DP."""
+    pipeline stages included). Gradients must already be averaged over DP. `dp_sharded`: each
+    gradient is held by one DP rank only (its ZeRO owner), so the partial sums add over DP."""
     dev = mesh.device
     sharded = torch.zeros((), device=dev, dtype=torch.float32)
     replicated = torch.zeros((), device=dev, dtype=torch.float32)
@@ -62,6 +83,8 @@ def global_grad_norm(params: list[torch.Tensor], mesh: Mesh) -> torch.Tensor:
     total = sharded + replicated
     if mesh.pp > 1:
         dist.all_reduce(total, group=mesh.pp_group)
+    if dp_sharded and mesh.dp > 1:
+        dist.all_reduce(total, group=mesh.dp_group)
     return total.sqrt()
 
 

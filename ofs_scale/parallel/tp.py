@@ -1,8 +1,10 @@
 """Tensor-parallel facts about tensors: whether a parameter is split over the TP group, along
-which dim, and the vocabulary padding that lets every TP size split the embedding evenly.
+which dim, whether its gradient is summed over TP (sequence parallelism), and the vocabulary
+padding that lets every TP size split the embedding evenly.
 
-Split parameters carry megatron-core's attributes (`tensor_model_parallel`, `partition_dim`),
-set by the layer factory in `model/layers.py`; everything else reads them through here.
+Split parameters carry megatron-core's attributes (`tensor_model_parallel`, `partition_dim`,
+`sequence_parallel`), set by the layer factory in `model/layers.py`; everything else reads
+them through here.
 """
 
 from __future__ import annotations
@@ -28,3 +30,15 @@ def is_tp_sharded(p: torch.Tensor) -> bool:
 def tp_partition_dim(p: torch.Tensor) -> int:
     """The dim a TP-split parameter is split along (-1 when it is not split)."""
     return int(getattr(p, "partition_dim", -1))
+
+
+def mark_sequence_parallel(p: torch.Tensor) -> None:
+    """Mark a replicated parameter applied to the sequence-split residual stream (megatron-core's
+    `sequence_parallel` attribute): each TP rank's gradient covers its part of the sequence only,
+    so the gradients are summed over TP once per step."""
+    p.sequence_parallel = True
+
+
+def is_sequence_parallel(p: torch.Tensor) -> bool:
+    """Whether a parameter's gradient is to be summed over TP (see `mark_sequence_parallel`)."""
+    return bool(getattr(p, "sequence_parallel", False))

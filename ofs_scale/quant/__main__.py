@@ -4,8 +4,10 @@ ofs-scale quant RUN_DIR_OR_CKPT [--weights tensor|channel] [--acts static|dynami
     [--scope linear|all] [--fp-head] [--group-size 128] [--calib-batches 16] [--eval-batches N]
 torchrun --nproc_per_node=N -m ofs_scale.quant RUN_DIR --tp T     (any layout; DCP reshards)
 
-Prints fp / W8 / A8 / W8A8 / FP8-E4M3 / FP8-E5M2 / W4 validation perplexity and writes
-quant.json and quant.md into the run directory (quant-<options>.* for non-default options).
+Prints fp / W8 / A8 / W8A8 / FP8-E4M3 / FP8-E5M2 / W4 validation perplexity, and the losses
+and OF metrics metrics.jsonl logged at the evaluated checkpoint's step. Writes
+quant_<checkpoint>.json and .md into the run directory (quant-<options>_<checkpoint>.* for
+non-default options), so results of different checkpoints never overwrite each other.
 """
 
 from __future__ import annotations
@@ -15,27 +17,18 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch.distributed as dist
-
-from ofs_scale.checkpoint import CheckpointError
-from ofs_scale.config import ConfigError
+from ofs_scale.cli_args import RUN_PATH_HELP, command_parser
 from ofs_scale.console import console
-from ofs_scale.data import DataError
-from ofs_scale.metrics.records import load_records
-from ofs_scale.parallel.mesh import destroy_mesh
-from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
 from ofs_scale.quant.spec import QuantSpec
-from ofs_scale.quant.table import kurtosis_summary, print_table, write_outputs
+
+# torch, megatron-core and the model are imported by `run` and `main` after the arguments are
+# parsed, so `ofs-scale quant --help` answers at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(
-        prog="ofs-scale quant",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("path", help="run directory (newest checkpoint) or one checkpoint directory")
+    p = command_parser("quant", __doc__)
+    p.add_argument("path", help=RUN_PATH_HELP)
     p.add_argument(
         "--weights",
         choices=["tensor", "channel"],
@@ -78,13 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this evaluation")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--config", help="training YAML, for runs without a saved config.yaml")
-    p.add_argument("--out", help="where to write quant.json/.md (default: the run directory)")
+    p.add_argument(
+        "--out", help="where to write quant_<checkpoint>.json/.md (default: the run directory)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
     return p
 
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as `args` say; print and write the results on the logging rank."""
+    from ofs_scale.config import ConfigError
+    from ofs_scale.metrics.records import load_records
+    from ofs_scale.quant.evaluate import load_run, quant_eval, resolve
+    from ofs_scale.quant.table import kurtosis_summary, losses_at, print_table, write_outputs
+
     if args.calib_batches < 1:
         raise ConfigError("--calib-batches must be at least 1")
     if args.eval_batches is not None and args.eval_batches < 1:
@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> dict:
 
         add_torchao_row(result, loaded, args.eval_batches)
     run_dir = paths.run_dir or loaded.checkpoint.parent
-    result["kurtosis"] = kurtosis_summary(load_records(run_dir / "metrics.jsonl"))
+    # this checkpoint's metrics, not the run's last ones
+    records = load_records(run_dir / "metrics.jsonl")
+    result["losses"] = losses_at(records, loaded.step)
+    result["kurtosis"] = kurtosis_summary(records, upto=loaded.step)
     if loaded.mesh.is_logging_rank:
         print_table(result, console)
         json_path, md_path = write_outputs(result, Path(args.out or run_dir), spec)
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
     args = build_parser().parse_intermixed_args(argv)
     warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+
+    from ofs_scale.checkpoint import CheckpointError
+    from ofs_scale.config import ConfigError
+    from ofs_scale.data import DataError
+    from ofs_scale.parallel.mesh import destroy_mesh
+
     try:
         run(args)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -19,6 +19,7 @@ from ofs_scale.checkpoint import (
     checkpoint_fingerprint,
     read_meta,
     training_state,
+    weights_fingerprint,
 )
 from ofs_scale.config import Config, ConfigError, check_world, load_config
 from ofs_scale.data import BatchSampler, BlendedWindows, collate, eval_micro_batches, open_data
@@ -115,9 +116,7 @@ def load_run(
     run_dir = paths.run_dir or Path(cfg.run.out_dir)
     root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     # Only what the weights depend on must match (not the optimizer or the TP size of SOAP).
-    fingerprint = {
-        k: v for k, v in checkpoint_fingerprint(cfg).items() if k.startswith(("model.", "data."))
-    }
+    fingerprint = weights_fingerprint(checkpoint_fingerprint(cfg))
     manager = CheckpointManager(
         root, mesh, fingerprint=fingerprint, resume_from="latest", move_later=False
     )

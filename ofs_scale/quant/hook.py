@@ -13,8 +13,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ofs_scale.config import Config
+if TYPE_CHECKING:
+    from ofs_scale.config import Config
 
 
 def quant_command(run_dir: Path, extra: str = "") -> list[str]:
@@ -23,7 +25,8 @@ def quant_command(run_dir: Path, extra: str = "") -> list[str]:
 
 
 def post_run(cfg: Config, run_dir: Path) -> None:
-    """Evaluate the newest checkpoint of `run_dir`; a failure is reported, not raised, so a
+    """Evaluate the newest checkpoint of `run_dir` (results: `quant_<checkpoint>.json`, which
+    `ofs-scale report` reads for the run's last step); a failure is reported, not raised, so a
     finished training run is never marked failed by its evaluation."""
     cmd = quant_command(Path(run_dir), os.environ.get("OFS_QUANT_ARGS", ""))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

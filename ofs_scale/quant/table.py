@@ -1,4 +1,5 @@
-"""Quantisation results as a rich table, markdown and JSON, with the run's final OF summary."""
+"""Quantisation results as a rich table, markdown and JSON, named after the evaluated checkpoint
+and shown with what metrics.jsonl logged for that checkpoint's step."""
 
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ def is_residual_site(site: str) -> bool:
     return site in ("embed", "final") or site.startswith("block_")
 
 
-def kurtosis_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The last metric record's kurtosis and MMR over the residual stream, or None when the
-    run logged no outlier metrics (metrics.every=0)."""
+def kurtosis_summary(
+    records: list[dict[str, Any]], upto: int | None = None
+) -> dict[str, Any] | None:
+    """Kurtosis and MMR over the residual stream of the last metric record (at or before step
+    `upto` when given: a checkpoint's own step), or None when there is none (metrics.every=0).
+    Records are read in file order, so after a resume the resumed trajectory's record wins."""
     last = None
     for rec in records:
+        if upto is not None and rec["step"] > upto:
+            continue
         if finite_number(rec.get("of/kurtosis_max")) is not None:
             last = rec
     if last is None:
@@ -48,13 +54,38 @@ def kurtosis_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def output_stem(spec: QuantSpec) -> str:
-    """File stem of the results: `quant` for the study's protocol, tagged otherwise."""
+def losses_at(records: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """Training and validation loss logged at `step` (the last of each in file order); empty
+    when that step logged none."""
+    found: dict[str, Any] = {}
+    for rec in records:
+        if rec["step"] == step:
+            found.update({k: rec[k] for k in ("loss", "val_loss", "val_ppl") if k in rec})
+    return found
+
+
+def output_stem(spec: QuantSpec, checkpoint: str) -> str:
+    """File stem of the results of `checkpoint` (its directory name): `quant_<checkpoint>` for
+    the study's protocol, `quant-<options>_<checkpoint>` otherwise."""
     if spec == DEFAULT_SPEC:
-        return "quant"
+        return f"quant_{checkpoint}"
     head = "" if spec.head else "-fphead"
     group = "" if spec.group_size == DEFAULT_SPEC.group_size else f"-g{spec.group_size}"
-    return f"quant-w{spec.weights}-a{spec.acts}-{spec.scope}{head}{group}"
+    return f"quant-w{spec.weights}-a{spec.acts}-{spec.scope}{head}{group}_{checkpoint}"
+
+
+def result_at_step(run_dir: Path, step: int | None) -> dict[str, Any] | None:
+    """The study-protocol result of `run_dir` for its checkpoint at `step` (`quant_*.json`, or
+    an older version's `quant.json`), or None: a result of another checkpoint is never taken
+    for this one."""
+    for path in [*sorted(Path(run_dir).glob("quant_*.json")), Path(run_dir) / "quant.json"]:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if step is not None and isinstance(result, dict) and result.get("step") == step:
+            return result
+    return None
 
 
 def _title(result: dict[str, Any]) -> str:
@@ -83,15 +114,32 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in result["results"].items():
         inc = "" if name == "fp" else f"{r['increase_pct']:+.2f}%"
         lines.append(f"| {name} | {r['val_loss']:.4f} | {_fmt(r['val_ppl'], 2)} | {inc} |")
+    lines += ["", *(line + "." for line in metric_lines(result))]
+    return "\n".join(lines) + "\n"
+
+
+def metric_lines(result: dict[str, Any]) -> list[str]:
+    """What metrics.jsonl logged for the evaluated checkpoint: its step's losses, and the OF
+    metrics of the last metric step at or before it."""
+    step, lines = result["step"], []
+    losses = result.get("losses") or {}
+    if losses:
+        parts = [
+            f"{k.replace('_', ' ')} {v if (x := finite_number(v)) is None else _fmt(x, 4)}"
+            for k, v in losses.items()
+        ]
+        lines.append(f"Logged at the checkpoint's step {step}: " + ", ".join(parts))
     k = result.get("kurtosis")
     if k:
         mmr = f", MMR max {_fmt(k['mmr_max'], 2)}" if k.get("mmr_max") is not None else ""
-        lines += [
-            "",
-            f"Final OF metrics (step {k['step']}): kurtosis max {_fmt(k['kurtosis_max'], 2)}, "
-            f"mean {_fmt(k['kurtosis_mean'], 2)}{mmr}.",
-        ]
-    return "\n".join(lines) + "\n"
+        at = f"step {k['step']}" + ("" if k["step"] == step else f", before checkpoint {step}")
+        lines.append(
+            f"OF metrics ({at}): kurtosis max {_fmt(k['kurtosis_max'], 2)}, "
+            f"mean {_fmt(k['kurtosis_mean'], 2)}{mmr}"
+        )
+    else:
+        lines.append(f"No outlier metrics logged up to step {step} (metrics.every=0?)")
+    return lines
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
@@ -105,20 +153,15 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
         inc = "" if name == "fp" else f"{r['increase_pct']:+.2f}%"
         table.add_row(name, f"{r['val_loss']:.4f}", _fmt(r["val_ppl"], 2), inc)
     console.print(table)
-    k = result.get("kurtosis")
-    if k:
-        console.print(
-            f"final kurtosis (step {k['step']}): max {_fmt(k['kurtosis_max'], 2)}, "
-            f"mean {_fmt(k['kurtosis_mean'], 2)}"
-        )
-    else:
-        console.print("no outlier metrics in metrics.jsonl (train with metrics.every > 0)")
+    for line in metric_lines(result):
+        console.print(line, markup=False, highlight=False)
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, spec: QuantSpec) -> tuple[Path, Path]:
-    """Write `<stem>.json` and `<stem>.md` into `out_dir`; returns both paths."""
+    """Write `<stem>.json` and `<stem>.md` into `out_dir`, named after the evaluated
+    checkpoint (see `output_stem`); returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(spec)
+    stem = output_stem(spec, Path(result["checkpoint"]).name)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))

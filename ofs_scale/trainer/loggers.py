@@ -11,9 +11,10 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ofs_scale.checkpoint import write_atomic
-from ofs_scale.config import to_dict
-from ofs_scale.console import console
+from ofs_scale.config import ConfigError, to_dict
+from ofs_scale.console import console, fmt_value
 from ofs_scale.trainer.callbacks import Callback, TrainerView
+from ofs_scale.trainer.wandb_auth import missing_wandb_login, wandb_run_name
 
 
 def _clean(v: Any) -> Any:
@@ -61,7 +62,8 @@ class JsonlLogger(Callback):
 
 
 class WandbLogger(Callback):
-    """wandb, offline by default (files under <out_dir>/wandb)."""
+    """wandb, offline by default (files under <out_dir>/wandb); named, grouped and tagged by the
+    `logging` section (see trainer/wandb_auth.py for the default name)."""
 
     def __init__(self, mode: str, project: str) -> None:
         self.mode = mode
@@ -70,14 +72,20 @@ class WandbLogger(Callback):
 
     def on_train_start(self, trainer: TrainerView) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
+        if (problem := missing_wandb_login(self.mode)) is not None:
+            raise ConfigError(problem)
         import wandb
 
-        out = Path(trainer.cfg.run.out_dir)
+        cfg = trainer.cfg
+        out = Path(cfg.run.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             mode=self.mode,
             project=self.project,
-            name=trainer.cfg.run.name,
+            entity=cfg.logging.entity or None,
+            group=cfg.logging.group or None,
+            tags=list(cfg.logging.tags) or None,
+            name=cfg.logging.wandb_name or wandb_run_name(cfg.run.name, cfg.run.out_dir),
             dir=str(out),
             config=to_dict(trainer.cfg),
             resume="allow",
@@ -123,7 +131,7 @@ class ProgressLogger(Callback):
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]}"),
                 TimeRemainingColumn(),
                 console=console,
             )
@@ -139,17 +147,15 @@ class ProgressLogger(Callback):
                 self.task,
                 completed=step,
                 description=f"train [{record['stage']}]",
-                loss=f"{loss:.4f}",
-                tps=f"{tps:,.0f}",
+                loss=f"{loss:.4f} gnorm {record['grad_norm']:.3g}",
+                tps=f"{tps:,.0f} tok/s  MFU {record['mfu']:.1%}",
             )
         elif step % self.print_every == 0 or step == self.total:
-            console.print(
-                f"step {step}/{self.total} [{record['stage']}] loss {loss:.4f} "
-                f"lr {record['lr']:.2e} {tps:,.0f} tok/s"
-            )
+            console.print(step_line(record, self.total), markup=False, highlight=False)
 
     def on_eval(self, trainer: TrainerView, step: int, record: dict[str, Any]) -> None:
-        msg = f"step {step}: val_loss {record['val_loss']:.4f} val_ppl {record['val_ppl']:.2f}"
+        loss, ppl = fmt_value(record["val_loss"]), fmt_value(record["val_ppl"], ".2f", 1e6)
+        msg = f"step {step}: val_loss {loss} val_ppl {ppl}"
         if self.progress is not None:
             self.progress.console.print(msg)
         else:
@@ -159,3 +165,13 @@ class ProgressLogger(Callback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def step_line(record: dict[str, Any], total: int) -> str:
+    """A step's console line: loss, gradient norm, lr, throughput and MFU."""
+    return (
+        f"step {record['step']}/{total} [{record['stage']}] loss {record['loss']:.4f} "
+        f"grad_norm {record['grad_norm']:.3g} lr {record['lr']:.2e} "
+        f"{record['tokens_per_s']:,.0f} tok/s {record['model_tflops_per_s']:.3g} TFLOP/s "
+        f"MFU {record['mfu']:.1%}"
+    )

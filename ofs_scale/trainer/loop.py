@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
-from ofs_scale.checkpoint import CheckpointManager, checkpoint_fingerprint, load_shard_state
-from ofs_scale.config import Config, check_world, dump_yaml
+from ofs_scale.checkpoint import (
+    CheckpointManager,
+    checkpoint_fingerprint,
+    load_init,
+    load_shard_state,
+)
+from ofs_scale.config import Config, check_world, dump_yaml, switch_on
 from ofs_scale.console import console
 from ofs_scale.data import BatchSampler, RunData, collate, eval_micro_batches, open_data
 from ofs_scale.engine import Engine, build_engine
@@ -26,6 +31,7 @@ from ofs_scale.trainer.callbacks import Callback
 from ofs_scale.trainer.checkpointing import CheckpointCallback
 from ofs_scale.trainer.loggers import JsonlLogger, ProgressLogger, WandbLogger
 from ofs_scale.trainer.rundir import claim_run_dir
+from ofs_scale.trainer.startup import RunFacts
 
 
 class TrainingStopped(RuntimeError):
@@ -64,6 +70,7 @@ class Trainer:
         self.named_params = self.engine.named_parameters()
         self.params = [p for _, p in self.named_params]
         self.optimizer = self.engine.optimizer
+        self.facts = RunFacts.build(cfg, m, self.engine, self.data.vocab_size)
         self.ckpt = CheckpointManager(
             cfg.checkpoint.dir or self.out_dir / "checkpoints",
             m,
@@ -71,6 +78,9 @@ class Trainer:
             fingerprint=checkpoint_fingerprint(cfg),
             resume_from=cfg.checkpoint.resume_from,
             verify=cfg.checkpoint.verify,
+            # DeepSpeed writes its own files synchronously (begin/commit, not save)
+            async_save=switch_on(cfg.checkpoint.async_save, m.device.type == "cuda")
+            and cfg.train.engine == "native",
         )
         self.step = 0
         self.tokens = 0
@@ -123,10 +133,13 @@ class Trainer:
         return path
 
     def resume(self) -> Path | None:
-        """Load the newest usable checkpoint of this run, if any."""
+        """Load the newest usable checkpoint of this run, if any; a run without one starts
+        from `checkpoint.init_from` when that is set."""
         state = self.state()
         path = self.engine.load_latest(self.ckpt, state, log=self.log)
         if path is None:
+            if self.cfg.checkpoint.init_from:
+                self.init_from_checkpoint(state)
             return None
         extra = state["extra"]
         self.step = int(extra["step"])
@@ -141,6 +154,19 @@ class Trainer:
             cb.load_shard_state(self, shards.get(type(cb).__name__))
         self.log(f"resumed from {path} at step {self.step}")
         return path
+
+    def init_from_checkpoint(self, state: dict[str, Any]) -> None:
+        """Load `checkpoint.init_from`'s weights (and optimizer state with `init_optimizer`)
+        into `state`, this run's own; the counters stay at step 0 (see checkpoint/init.py)."""
+        c = self.cfg.checkpoint
+        meta = load_init(
+            c.init_from, state, self.mesh, self.ckpt.fingerprint, c.init_optimizer, c.verify
+        )
+        what = "weights and optimizer state" if c.init_optimizer else "weights"
+        self.log(
+            f"initialised {what} from {c.init_from} (step {meta.get('step', '?')} of that run); "
+            "this run starts at step 0"
+        )
 
     def log(self, msg: str) -> None:
         """A plain message from the logging rank (`[tag]` prefixes and paths stay as written)."""
@@ -185,6 +211,7 @@ class Trainer:
             "tokens": self.tokens,
             "tokens_per_s": step_tokens / dt,
             "step_time_s": dt,
+            **self.facts.step_throughput(step_tokens, dt, self.mesh.world_size),
         }
         if not result.applied:
             record["skipped"] = True
@@ -227,6 +254,7 @@ class Trainer:
             # The resolved config next to the checkpoints: quant eval rebuilds the model from it.
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.facts.print(cfg, self.mesh)
         total = cfg.total_steps
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -263,6 +291,7 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
+        self.ckpt.wait()  # the last background save is committed before fit returns
         return self.summary()
 
     def _stop_non_finite(self) -> TrainingStopped:

@@ -11,6 +11,11 @@ What happens next depends on the signal:
   job goes back to the queue and the new allocation resumes from the checkpoint;
 * SIGTERM: no requeue here (`scancel` must stay final); a preemption with PreemptMode=REQUEUE
   is requeued by SLURM itself.
+
+Either way `ofs-scale train` then exits with EXIT_STOPPED (75, EX_TEMPFAIL: "try again later"),
+so a script tells a stopped, resumable run from a finished one (0). Under a torchrun that would
+restart the ranks after a non-zero exit (restarts left), the ranks exit 0 instead: a restart
+would only train on past a stop meant for a requeue or a cancellation.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ import torch.distributed as dist
 from ofs_scale.trainer.callbacks import Callback, TrainerView
 
 REQUEUE_SIGNAL = signal.SIGUSR1
+EXIT_STOPPED = 75
+"""Exit status of a run stopped early by a signal after writing its checkpoint (resumable)."""
+
+
+def stopped_exit_status(environ: dict[str, str] | None = None) -> int:
+    """EXIT_STOPPED, or 0 under a torchrun agent with restarts left, which would restart the
+    ranks on any non-zero exit (torchrun sets TORCHELASTIC_MAX_RESTARTS/_RESTART_COUNT)."""
+    env = os.environ if environ is None else environ
+    restarts_left = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(
+        env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    )
+    return 0 if restarts_left > 0 else EXIT_STOPPED
 
 
 class PreemptionGuard(Callback):
