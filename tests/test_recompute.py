@@ -19,7 +19,7 @@ from ofs_scale.testing.distributed import run_distributed
 from ofs_scale.trainer.loop import Trainer
 from tests.helpers import assert_weights_close, tiny_overrides
 
-TIMING = ("tokens_per_s", "step_time_s")
+TIMING = ("tokens_per_s", "step_time_s", "model_tflops_per_s", "mfu")  # wall-clock based
 
 
 def _with_and_without(rank: int, layouts: list[list[str]]) -> list[dict]:

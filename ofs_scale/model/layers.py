@@ -91,6 +91,12 @@ class ColumnLinear(ColumnParallelLinear):
         x_tBD = x.transpose(0, 1)
         if not self.sequence_parallel:  # megatron-core's own gather is CUDA-only
             x_tBD = gather_sequence(x_tBD, self.tp_group)
+        elif torch.is_autocast_enabled(x.device.type):
+            # Megatron-core's backward reduce-scatters the (autocast, bf16) input gradient into
+            # a buffer of the input's dtype: NCCL refuses mixed dtypes, so enter in the autocast
+            # dtype (the matmul would cast to it anyway; the gather then moves half the bytes).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x_tBD = x_tBD.to(dtype, memory_format=torch.contiguous_format)
         return super().forward(x_tBD.contiguous(), weight=weight)[0].transpose(0, 1)
 
 
