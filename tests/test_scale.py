@@ -30,7 +30,9 @@ def test_layer_chunks_balanced():
 
 
 def test_dry_run_7b_allocates_nothing():
-    args = ["--dry-run", *SEVEN_B, "model.block=op", "parallel.tp=4", "parallel.pp=4"]
+    layout = ["parallel.tp=4", "parallel.pp=4", "launch.nodes=2", "launch.gpus_per_node=8"]
+    layout += ["train.global_batch=16", "train.micro_batch=4"]  # 4 micro batches for 1f1b
+    args = ["--dry-run", *SEVEN_B, "model.block=op", *layout]
     proc = subprocess.run(
         [sys.executable, "-c", DRY_RUN_RSS, *args], capture_output=True, text=True, check=False
     )
