@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from common import parse, smoke_config
+from common import parse, smoke_config, step_ms
 
 from ofs_scale.trainer.loop import Trainer
 
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         trainer.save_checkpoint(f"step_{count[0]:06d}")
         call = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        step = (time.perf_counter() - t1) / args.steps
+        step = step_ms(trainer, args.steps) / 1e3
         t2 = time.perf_counter()
         ckpt.wait()
         return call + time.perf_counter() - t2, step, call

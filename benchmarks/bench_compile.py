@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import parse, smoke_config
+from common import parse, smoke_config, step_ms
 
 from ofs_scale.trainer.loop import Trainer
 
@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def round_ms(on: bool) -> float:
         model.compiled = compiled if on else {}
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        return 1e3 * (time.perf_counter() - t0) / args.steps
+        return step_ms(trainer, args.steps)
 
     t0 = time.perf_counter()
     round_ms(True)  # compiles forward and backward of the blocks

@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     soap.refresh_mm = shampoo.refresh_mm = refresh_mm  # adds the fp64 calibration row
     for cls in (SOAP, Shampoo):
-        base = final_loss(cls, w0, grad, loss, "fp32", args.steps, args.freq)
+        finals = {m: final_loss(cls, w0, grad, loss, m, args.steps, args.freq) for m in PRECISIONS}
         for mode in PRECISIONS:
             errs = update_errors(cls, w0, grad, mode, args.steps, args.freq)
-            ratio = final_loss(cls, w0, grad, loss, mode, args.steps, args.freq) / base
+            ratio = finals[mode] / finals["fp32"]
             med, worst = statistics.median(errs), max(errs)
             print(f"{cls.__name__:<9} {mode:<9} {med:>18.2e} {worst:>9.2e} {ratio:>10.4f}")
     if args.model_steps:

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
-from common import parse, smoke_config
+from common import parse, smoke_config, step_ms
 
 from ofs_scale.testing.distributed import run_distributed
 
@@ -57,10 +56,7 @@ def _measure(rank: int, overrides: list[str], rounds: int, steps: int) -> dict[s
         model.zero_grad(set_to_none=True)
 
     def round_ms(on: bool) -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainers[on].train_step()
-        return 1e3 * (time.perf_counter() - t0) / steps
+        return step_ms(trainers[on], steps)
 
     round_ms(False), round_ms(True)  # warm-up
     times = [(round_ms(False), round_ms(True)) for _ in range(rounds)]

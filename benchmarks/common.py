@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 import warnings
 
 import torch
@@ -22,11 +23,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
-def smoke_config(steps: int, *overrides: str) -> Config:
-    """configs/smoke.yaml for `steps` constant-lr steps in a temporary run dir, with no
-    evaluation, logging or metrics unless `overrides` turn them on."""
+def smoke_config(steps: int, *overrides: str, base: str | None = "configs/smoke.yaml") -> Config:
+    """`base` (configs/smoke.yaml; None: the defaults) for `steps` constant-lr steps in a
+    temporary run dir, with no evaluation, logging or metrics unless `overrides` turn them on."""
     return load_config(
-        "configs/smoke.yaml",
+        base,
         [
             f"run.out_dir={tempfile.mkdtemp()}",
             "logging.wandb=disabled",
@@ -37,3 +38,11 @@ def smoke_config(steps: int, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def step_ms(trainer, steps: int) -> float:
+    """Mean wall-clock milliseconds of `steps` training steps of `trainer`."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    return 1e3 * (time.perf_counter() - t0) / steps

@@ -22,7 +22,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import RefGPT
+from common import smoke_config
 
-from ofs_scale.config import Config, load_config
+from ofs_scale.config import Config
 from ofs_scale.model.flops import flops_per_token
 from ofs_scale.trainer.loop import Trainer
 
@@ -82,21 +82,7 @@ PLAIN = [
 
 def config(shapes: list[str], switches: list[str], steps: int, extra: list[str]) -> Config:
     """A pre-norm GELU run of `steps` constant-lr steps in a temporary directory, bf16."""
-    return load_config(
-        None,
-        [
-            *shapes,
-            f"run.out_dir={tempfile.mkdtemp()}",
-            "logging.wandb=disabled",
-            "logging.progress=false",
-            "metrics.every=0",
-            "train.eval_every=0",
-            "train.dtype=bf16",
-            f"train.stages=[{{name: main, steps: {steps}, lr_schedule: constant}}]",
-            *switches,
-            *extra,
-        ],
-    )
+    return smoke_config(steps, *shapes, "train.dtype=bf16", *switches, *extra, base=None)
 
 
 def _sync(device: torch.device) -> None:

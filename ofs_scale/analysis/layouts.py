@@ -95,14 +95,26 @@ def step_model(
 class Layout:
     """One candidate layout with its plan and assumed step."""
 
-    tp: int
-    pp: int
-    dp: int
-    micro_batch: int
     checkpointing: bool
     plan: Plan
     step: StepModel
     fits: bool
+
+    @property
+    def tp(self) -> int:
+        return self.plan.tp
+
+    @property
+    def pp(self) -> int:
+        return self.plan.pp
+
+    @property
+    def dp(self) -> int:
+        return self.plan.dp
+
+    @property
+    def micro_batch(self) -> int:
+        return self.plan.micro_batch
 
     @property
     def total_bytes(self) -> int:
@@ -146,7 +158,7 @@ def rank_layouts(
                         continue
                     s = step_model(c, p, peak_tflops, gpus_per_node)
                     fits = p.total(ckpt) <= budget
-                    found.append(Layout(tp, pp, p.dp, mb, ckpt, p, s, fits))
+                    found.append(Layout(ckpt, p, s, fits))
     return sorted(found, key=lambda x: (not x.fits, x.step.step_s))
 
 

@@ -152,8 +152,9 @@ def run_missing_quant(points: list[dict[str, Any]]) -> None:
     last step."""
     for p in points:
         run_dir = p["out_dir"]
-        step = last_step(load_records(run_dir / "metrics.jsonl"))
-        if result_at_step(run_dir, step) is not None or not (run_dir / "checkpoints").is_dir():
+        if not (run_dir / "checkpoints").is_dir():
+            continue
+        if result_at_step(run_dir, last_step(load_records(run_dir / "metrics.jsonl"))) is not None:
             continue
         console.print(f"[quant] evaluating {run_dir}", markup=False)
         subprocess.run(quant_command(run_dir), check=False)

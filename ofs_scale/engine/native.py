@@ -72,6 +72,16 @@ class NativeEngine(ABC):
         owners = None
         if self.sharded:
             owners = [self.optimizer.owner[n] for n, _ in self.named_parameters()]
+        # What each step points at the buffers (`_attach_grads`), fixed at build: this rank's
+        # parameters (its owned ones under ZeRO-1), each with what the optimizer updates (its
+        # master, under master weights).
+        masters = self.optimizer.master.by_name if self.master_weights else {}
+        owned = set(self.optimizer.owned_names()) if self.sharded else None
+        self._grad_targets = [
+            (p, masters.get(name, p))
+            for name, p in self.named_parameters()
+            if owned is None or name in owned
+        ]
         p = cfg.parallel
         self.grads = GradBuffer(
             self.params,
@@ -129,12 +139,9 @@ class NativeEngine(ABC):
     def _attach_grads(self) -> list[nn.Parameter]:
         """Point the `.grad` of what the optimizer updates at the reduced fp32 buffers: this
         rank's parameters (its owned ones under ZeRO-1), or their masters; returns those."""
-        masters = self.optimizer.master.by_name if self.master_weights else {}
-        owned = set(self.optimizer.owned_names()) if self.sharded else None
         updated = []
-        for name, p in self.named_parameters():
-            if self.grads.received(p) and (owned is None or name in owned):
-                target = masters.get(name, p)
+        for p, target in self._grad_targets:
+            if self.grads.received(p):
                 target.grad = p.main_grad
                 updated.append(target)
         return updated

@@ -37,6 +37,13 @@ def bubble_fraction(schedule: str, pp: int, n_micro: int, virtual_stages: int = 
     return (pp - 1) / (v * n_micro + pp - 1)
 
 
+def _hidden_shape(chunk: GPT, batch: int, length: int) -> tuple[int, int, int]:
+    """Shape of the hidden states that cross stages for `batch` sequences of `length` tokens:
+    this TP rank's part of the sequence under sequence parallelism."""
+    part = chunk.factory.local_positions(length)
+    return (batch, part.stop - part.start, chunk.cfg.d_model)
+
+
 class StageModule(nn.Module):
     """A chunk as a pipeline stage: hidden states cross stages in fp32, the dtype `_stage_io`
     declares, and enter the chunk in its weights' dtype (bf16 under master weights, as the
@@ -97,10 +104,9 @@ class PipelineEngine(NativeEngine):
         torch does not infer them by running a forward on uninitialised memory (which would
         pollute running statistics such as psBN's). Hidden states are this TP rank's part of
         the sequence under sequence parallelism."""
-        mb, T, d = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.d_model
+        mb, T = cfg.train.micro_batch, cfg.data.seq_len
         meta = torch.device("meta")
-        part = chunk.factory.local_positions(T)
-        hidden = (mb, part.stop - part.start, d)
+        hidden = _hidden_shape(chunk, mb, T)
         if chunk.first:
             inp = torch.empty((mb, T), dtype=torch.long, device=meta)
         else:
@@ -177,8 +183,7 @@ class PipelineEngine(NativeEngine):
                 if c == 0:
                     inp = x
                 else:
-                    part = chunk.factory.local_positions(x.shape[1])
-                    shape = (x.shape[0], part.stop - part.start, chunk.cfg.d_model)
+                    shape = _hidden_shape(chunk, *x.shape)
                     inp = torch.empty(shape, device=dev, dtype=torch.float32)
                     dist.recv(inp, src=m.pp_global_rank((c - 1) % m.pp), group=m.pp_group)
                 with autocast_context(self.dtype, dev):

@@ -39,17 +39,26 @@ def port_for_job(job_id: str) -> int:
     return 15000 + int(digits) % 20000
 
 
+def rendezvous(env: submitit.JobEnvironment) -> tuple[str, str, str]:
+    """The job id, and the host and port of the first node that the tasks (or the torchruns)
+    of this job meet at: the same on every task and every requeue."""
+    job_id = os.environ.get("SLURM_JOB_ID") or str(env.job_id)
+    host = str(env.hostnames[0]) if env.hostnames else "127.0.0.1"
+    port = os.environ.get("OFS_MASTER_PORT") or str(port_for_job(job_id))
+    return job_id, host, port
+
+
 def set_dist_env(env: submitit.JobEnvironment) -> None:
     """Export the torch.distributed variables for this task from submitit's job environment."""
     tasks_per_node = max(1, env.num_tasks // max(1, env.num_nodes))
-    job_id = os.environ.get("SLURM_JOB_ID") or str(env.job_id)
+    _, host, port = rendezvous(env)
     os.environ.update(
         RANK=str(env.global_rank),
         WORLD_SIZE=str(env.num_tasks),
         LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(tasks_per_node),
-        MASTER_ADDR=str(env.hostnames[0]) if env.hostnames else "127.0.0.1",
-        MASTER_PORT=os.environ.get("OFS_MASTER_PORT") or str(port_for_job(job_id)),
+        MASTER_ADDR=host,
+        MASTER_PORT=port,
     )
     # One intra-op thread pool per task sized to its CPUs (an explicit OMP_NUM_THREADS wins):
     # oversubscribed pools make gloo collectives crawl on CPU nodes.

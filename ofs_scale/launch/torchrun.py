@@ -26,7 +26,7 @@ from typing import Any
 import submitit
 
 from ofs_scale.config import ConfigError
-from ofs_scale.launch.job import port_for_job
+from ofs_scale.launch.job import rendezvous
 
 TRAIN_ENTRY = ("-m", "ofs_scale.train")
 
@@ -111,9 +111,7 @@ class TorchrunJob(submitit.helpers.Checkpointable):
 
     def __call__(self, config_path: str, nproc_per_node: int, max_restarts: int) -> dict | None:
         env = submitit.JobEnvironment()
-        job_id = os.environ.get("SLURM_JOB_ID") or str(env.job_id)
-        host = str(env.hostnames[0]) if env.hostnames else "127.0.0.1"
-        port = os.environ.get("OFS_MASTER_PORT") or str(port_for_job(job_id))
+        job_id, host, port = rendezvous(env)
         argv = torchrun_argv(
             env.num_nodes,
             nproc_per_node,

@@ -17,10 +17,10 @@ from matplotlib.lines import Line2D
 
 from ofs_scale.metrics.plot_style import (
     LOSS_LOG_SPAN,
-    NONFINITE_GID,
     NONFINITE_LABEL,
     colours,
     draw_curve,
+    has_nonfinite,
     integer_steps,
     log_axis,
     save,
@@ -131,7 +131,7 @@ def compare_figure(runs: Sequence[tuple[str, Records]], panels: Sequence[str]) -
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=c, label=label) for (label, _), c in zip(runs, run_colours)]
-    if any(line.get_gid() == NONFINITE_GID for ax in axes.flat for line in ax.lines):
+    if any(has_nonfinite(ax) for ax in axes.flat):
         handles.append(
             Line2D([], [], marker="x", ls="", color="black", mew=2, label=NONFINITE_LABEL)
         )

@@ -49,12 +49,14 @@ def sum_sequence_parallel_grads(params: list[torch.Tensor], mesh: Mesh) -> None:
     its part of the sequence), so every TP rank holds the whole gradient. One all-reduce of the
     (small) flattened gradients per step: `.grad`, else the fp32 `main_grad` buffer that the
     GPU step moved it into."""
+    if mesh.tp == 1:
+        return
     grads = []
     for p in params:
         grad = p.grad if p.grad is not None else getattr(p, "main_grad", None)
         if grad is not None and is_sequence_parallel(p):
             grads.append(grad)
-    if mesh.tp == 1 or not grads:
+    if not grads:
         return
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=mesh.tp_group)

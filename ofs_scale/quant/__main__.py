@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ofs_scale.cli_args import RUN_PATH_HELP, command_parser
+from ofs_scale.cli_args import RUN_PATH_HELP, add_run_config_args, command_parser
 from ofs_scale.console import console
 from ofs_scale.quant.spec import QuantSpec
 
@@ -70,11 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this evaluation")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--config", help="training YAML, for runs without a saved config.yaml")
     p.add_argument(
         "--out", help="where to write quant_<checkpoint>.json/.md (default: the run directory)"
     )
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
+    add_run_config_args(p)
     return p
 
 

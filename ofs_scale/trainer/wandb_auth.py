@@ -26,15 +26,19 @@ def _netrc_path() -> Path:
     return Path("~/.netrc").expanduser()
 
 
+def _wandb_host() -> str:
+    """The host wandb authenticates against (WANDB_BASE_URL, else api.wandb.ai)."""
+    return urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+
+
 def has_wandb_login() -> bool:
     """Whether wandb would find credentials without asking (env, identity token or netrc)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     if (token := os.environ.get("WANDB_IDENTITY_TOKEN_FILE")) and Path(token).is_file():
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
     try:
-        entry = netrc.netrc(str(_netrc_path())).authenticators(host)
+        entry = netrc.netrc(str(_netrc_path())).authenticators(_wandb_host())
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(entry and entry[2])
@@ -46,7 +50,7 @@ def missing_wandb_login(mode: str) -> str | None:
         return None
     return (
         "logging.wandb=online but no wandb API key was found (WANDB_API_KEY, or a netrc entry "
-        f"for {urlsplit(os.environ.get('WANDB_BASE_URL') or DEFAULT_HOST).netloc} in "
+        f"for {_wandb_host()} in "
         f"{_netrc_path()}); run `wandb login` (or export WANDB_API_KEY) on this machine, or set "
         "logging.wandb=offline and `wandb sync` the run later"
     )
